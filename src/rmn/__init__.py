@@ -1,0 +1,22 @@
+"""rmn: Routing-by-Memory Networks (Zhang et al., "Neural Routing by Memory", NeurIPS 2021)."""
+from .attention import ConditionalAttention
+from .backbones import Backbone, create_backbone, list_backbones, register_backbone
+from .dispatch import dispatch
+from .memory import MemoryBank
+from .network import RoutedNetwork, clone_optimizer
+from .stage import RoutedStage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "ConditionalAttention",
+    "MemoryBank",
+    "RoutedNetwork",
+    "RoutedStage",
+    "clone_optimizer",
+    "create_backbone",
+    "dispatch",
+    "list_backbones",
+    "register_backbone",
+]

@@ -1,0 +1,246 @@
+"""The Routing-by-Memory Network and procedure cloning (recipe step 2).
+
+``RoutedNetwork`` = shared stem -> routed stages -> shared head. It is built from any module that
+exposes ``stem``, ``stages`` and ``head`` (every :mod:`rmn.backbones` model, or a user's own CNN):
+
+    stem_net = RoutedNetwork.from_backbone(backbone, num_procedures=8, attention=True, routed_stages=())
+    ...train stem_net (step 1; attention gets random routes)...
+    rmn_net = RoutedNetwork.from_backbone(stem_net, num_procedures=8)     # step 2: clone
+    optimizer = clone_optimizer(optimizer, stem_net, rmn_net)            # momentum comes along
+
+The stem, head, attention modules and unrouted stages are shared with the source (same objects);
+each routed stage's procedures are N deep copies of the source stage, BatchNorm statistics included.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from .attention import ConditionalAttention
+from .backbones.base import check_image_input
+from .memory import MemoryBank
+from .stage import RoutedStage
+
+AttentionKind = Literal["ca", "se"] | None
+
+
+def attention_kind(attention: bool | str | None) -> AttentionKind:
+    """Normalise the ``attention`` option: True/'ca' = Conditional Attention, 'se' = route-free SE."""
+    if attention is True or attention == "ca":
+        return "ca"
+    if attention == "se":
+        return "se"
+    if attention is False or attention is None or attention == "none":
+        return None
+    raise ValueError(f"attention must be true, false, 'ca', 'se' or 'none', got {attention!r}")
+
+
+class RoutedNetwork(nn.Module):
+    def __init__(
+        self,
+        stem: nn.Module,
+        stages: Iterable[RoutedStage],
+        head: nn.Module,
+        in_channels: int,
+        min_image_size: int = 1,
+        stage_channels: list[int] | None = None,
+        out_channels: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+        self.in_channels = in_channels
+        self.min_image_size = min_image_size
+        self.stage_channels = list(stage_channels or [])
+        self.out_channels = list(out_channels or [])
+        # Apply memory updates at the end of every training forward. The recipe turns this off and
+        # calls update_memories() once per optimizer step (gradient accumulation).
+        self.auto_update = True
+        self.last_routes: torch.Tensor | None = None
+        # name of each parameter here -> name of the parameter it was cloned from in the source.
+        self.clone_sources: dict[str, str] = {}
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_channels, self.min_image_size)
+        h = self.stem(x)
+        routes = []
+        for stage in self.stages:
+            h = stage(h)
+            r = stage.last_routes
+            routes.append(r if r is not None else torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device))
+        self.last_routes = torch.stack(routes) if routes else None
+        if self.training and self.auto_update:
+            self.update_memories()
+        return self.head(h)
+
+    # -- memories ----------------------------------------------------------------------------
+    def memory_banks(self) -> list[MemoryBank | None]:
+        """The memory of each stage (None for unrouted stages), in stage order."""
+        return [s.memory for s in self.stages]
+
+    @torch.no_grad()
+    def update_memories(self) -> None:
+        """Apply the pending moving-average updates of every routed stage."""
+        for bank in self.memory_banks():
+            if bank is not None:
+                bank.update()
+
+    def reset_load(self) -> None:
+        for bank in self.memory_banks():
+            if bank is not None:
+                bank.reset_load()
+
+    @property
+    def routed(self) -> bool:
+        return any(s.routed for s in self.stages)
+
+    @property
+    def num_procedures(self) -> int:
+        return max(s.num_procedures for s in self.stages)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: nn.Module,
+        num_procedures: int = 8,
+        attention: bool | str | None = True,
+        routed_stages: Iterable[int] | None = None,
+        memory_momentum: float = 0.9,
+        attention_reduction: int = 16,
+        example_input: torch.Tensor | None = None,
+    ) -> "RoutedNetwork":
+        """Clone each stage of ``backbone`` into ``num_procedures`` procedures with memory heads.
+
+        ``backbone`` is a plain backbone (``stem``/``stages``/``head``) or an unrouted
+        ``RoutedNetwork`` (the trained stem network: its attention modules are kept).
+        ``routed_stages``: indices of the stages to route (default all; ``()`` routes none, which
+        gives the stem network). ``attention``: True/'ca', 'se' (no route input) or False.
+        ``example_input`` is only needed for a user's CNN that does not declare its channel counts.
+        """
+        if not isinstance(num_procedures, int) or num_procedures < 1:
+            raise ValueError(f"num_procedures must be an integer >= 1, got {num_procedures!r}")
+        for attr in ("stem", "stages", "head"):
+            if not hasattr(backbone, attr):
+                raise ValueError(f"cannot route {type(backbone).__name__}: it has no '{attr}' (needs stem, stages, head)")
+        kind = attention_kind(attention)
+        num_stages = len(backbone.stages)
+        routed = set(range(num_stages) if routed_stages is None else routed_stages)
+        bad = sorted(i for i in routed if not 0 <= i < num_stages)
+        if bad:
+            raise ValueError(f"routed_stages {bad} out of range: the backbone has {num_stages} stages (0..{num_stages - 1})")
+        stage_channels, out_channels = _channels(backbone, example_input)
+        in_channels = getattr(backbone, "in_channels", None)
+        if in_channels is None:
+            if example_input is None:
+                raise ValueError("the backbone declares no in_channels: pass example_input")
+            in_channels = example_input.shape[1]
+
+        from_routed = isinstance(backbone, RoutedNetwork)
+        stages, sources = [], {}
+        for i, src_stage in enumerate(backbone.stages):
+            if from_routed:
+                if src_stage.routed and src_stage.num_procedures > 1:
+                    raise ValueError(f"stage {i} of the source is already routed with {src_stage.num_procedures} procedures")
+                proc, src_prefix, src_attn = src_stage.procedures[0], f"stages.{i}.procedures.0.", src_stage.attention
+            else:
+                proc, src_prefix, src_attn = src_stage, f"stages.{i}.", None
+            attn = _attention(kind, src_attn, out_channels[i], num_procedures, attention_reduction, i, _device_of(proc))
+            if i in routed:
+                procs = [copy.deepcopy(proc) for _ in range(num_procedures)]
+                memory = MemoryBank(num_procedures, stage_channels[i], memory_momentum)
+                memory.to(_device_of(proc))
+            else:
+                procs, memory = [proc], None
+            stages.append(RoutedStage(procs, memory, attn))
+            for j in range(len(procs)):
+                for pname, _ in proc.named_parameters():
+                    sources[f"stages.{i}.procedures.{j}.{pname}"] = src_prefix + pname
+        net = cls(
+            backbone.stem,
+            stages,
+            backbone.head,
+            in_channels=in_channels,
+            min_image_size=getattr(backbone, "min_image_size", 1),
+            stage_channels=stage_channels,
+            out_channels=out_channels,
+        )
+        net.clone_sources = sources
+        if hasattr(backbone, "info"):
+            net.info = backbone.info
+        return net.train(backbone.training)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _attention(kind, source, channels, num_routes, reduction, index, device) -> ConditionalAttention | None:
+    """Reuse the source's attention when it fits the request, else build a fresh one."""
+    if kind is None:
+        return None
+    want_routes = num_routes if kind == "ca" else 0
+    if source is not None:
+        if source.num_routes != want_routes:
+            raise ValueError(
+                f"stage {index}: the source's attention expects {source.num_routes} routes, "
+                f"but {want_routes} were asked for (num_procedures and attention must match stem training)"
+            )
+        return source
+    return ConditionalAttention(channels, want_routes, reduction).to(device)
+
+
+def _channels(backbone: nn.Module, example_input: torch.Tensor | None) -> tuple[list[int], list[int]]:
+    """Stage input/output channels: declared by the backbone, or read off one forward pass."""
+    declared_in = getattr(backbone, "stage_channels", None)
+    declared_out = getattr(backbone, "out_channels", None)
+    if declared_in and declared_out:
+        return list(declared_in), list(declared_out)
+    if example_input is None:
+        raise ValueError(
+            f"{type(backbone).__name__} does not declare stage_channels/out_channels: pass example_input"
+        )
+    ins, outs = [], []
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        h = backbone.stem(example_input)
+        for stage in backbone.stages:
+            ins.append(h.shape[1])
+            h = stage(h)
+            outs.append(h.shape[1])
+    backbone.train(was_training)
+    return ins, outs
+
+
+def clone_optimizer(optimizer: torch.optim.Optimizer, source: nn.Module, routed: RoutedNetwork) -> torch.optim.Optimizer:
+    """A new optimizer of the same kind over ``routed``'s parameters, each procedure copy starting
+    with a copy of its source parameter's state (SGD momentum, RMSprop square averages, Adam moments).
+
+    Parameters with no counterpart in ``source`` (a freshly built attention) start with empty state
+    in the first parameter group.
+    """
+    src_params = dict(source.named_parameters())
+    group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
+    pairs = []
+    for name, p in routed.named_parameters():
+        src = src_params.get(routed.clone_sources.get(name, name))
+        gi = group_of.get(id(src), 0) if src is not None else 0
+        groups[gi]["params"].append(p)
+        pairs.append((p, src))
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    new = type(optimizer)([g for g in groups if g["params"]], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+    new.defaults = dict(optimizer.defaults)
+    for p, src in pairs:
+        if src is not None and src in optimizer.state:
+            new.state[p] = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in optimizer.state[src].items()}
+    return new

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from rmn.backbones.base import Backbone
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def conv_bn(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def toy_backbone(in_channels=3, num_classes=5, width=8, stages=3) -> Backbone:
+    """A small stem/stages/head CNN: each stage halves the resolution."""
+    stem = conv_bn(in_channels, width)
+    chans = [width * (2**i) for i in range(stages + 1)]
+    st = [nn.Sequential(conv_bn(chans[i], chans[i + 1], 2), conv_bn(chans[i + 1], chans[i + 1])) for i in range(stages)]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[-1], num_classes))
+    return Backbone(stem, st, head, chans[:-1], chans[1:], in_channels, min_image_size=2**stages)
+
+
+@pytest.fixture
+def toy():
+    torch.manual_seed(0)
+    return toy_backbone()

@@ -1,0 +1,85 @@
+"""Memory heads: nearest lookup, the moving-average formula, loads, accumulation."""
+import pytest
+import torch
+
+from rmn.memory import MemoryBank, nearest
+
+
+def brute_nearest(f, m):
+    return torch.stack([((m - f[b]) ** 2).sum(1).argmin() for b in range(f.shape[0])])
+
+
+def test_nearest_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        f, m = torch.randn(64, 16, generator=g), torch.randn(7, 16, generator=g)
+        assert torch.equal(nearest(f, m), brute_nearest(f, m))
+
+
+def test_ema_update_matches_formula_and_leaves_others_untouched():
+    bank = MemoryBank(4, 3, momentum=0.9)
+    mem = torch.tensor([[0.0, 0, 0], [10, 10, 10], [-10, 0, 0], [0, 50, 0]])
+    bank.set_memories(mem)
+    feats = torch.tensor([[1.0, 0, 0], [0, 1, 0], [9, 9, 9], [11, 11, 12.0]])
+    bank.train()
+    routes = bank.route(feats)
+    assert routes.tolist() == [0, 0, 1, 1]
+    bank.update()
+    expect0 = 0.9 * mem[0] + 0.1 * feats[:2].mean(0)
+    expect1 = 0.9 * mem[1] + 0.1 * feats[2:].mean(0)
+    torch.testing.assert_close(bank.memories[0], expect0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bank.memories[1], expect1, rtol=0, atol=1e-6)
+    assert torch.equal(bank.memories[2:], mem[2:])  # bit-identical
+    assert bank.load.tolist() == [2, 2, 0, 0]
+    # statistics were consumed: another update changes nothing
+    before = bank.memories.clone()
+    bank.update()
+    assert torch.equal(bank.memories, before)
+
+
+def test_eval_mode_changes_nothing():
+    bank = MemoryBank(3, 5)
+    bank.set_memories(torch.randn(3, 5))
+    before = bank.memories.clone()
+    bank.eval()
+    bank.route(torch.randn(10, 5))
+    bank.update()
+    assert torch.equal(bank.memories, before)
+    assert bank.load.sum() == 0
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+    g = torch.Generator().manual_seed(3)
+    mem = torch.randn(8, 6, generator=g)
+    feats = torch.randn(256, 6, generator=g)
+    one, four = MemoryBank(8, 6), MemoryBank(8, 6)
+    for b in (one, four):
+        b.set_memories(mem)
+    one.route(feats)
+    one.update()
+    for chunk in feats.split(64):
+        four.route(chunk)
+    four.update()
+    torch.testing.assert_close(one.memories, four.memories, rtol=0, atol=1e-6)
+    assert torch.equal(one.load, four.load)
+
+
+def test_memories_are_buffers_without_gradient():
+    bank = MemoryBank(2, 3)
+    assert list(bank.parameters()) == []
+    assert "memories" in bank.state_dict() and "load" in bank.state_dict()
+    assert "pending_sum" not in bank.state_dict()
+    f = torch.randn(4, 3, requires_grad=True)
+    r = bank.route(f)
+    assert not r.requires_grad and not bank.memories.requires_grad
+
+
+@pytest.mark.parametrize("kw,msg", [({"num_memories": 0, "dim": 3}, "num_memories"), ({"num_memories": 2, "dim": 3, "momentum": 1.5}, "momentum")])
+def test_bad_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MemoryBank(**kw)
+
+
+def test_set_memories_shape_error():
+    with pytest.raises(ValueError, match="shape"):
+        MemoryBank(2, 3).set_memories(torch.zeros(3, 3))
