@@ -100,6 +100,25 @@ class RoutedNetwork(nn.Module):
     def routed(self) -> bool:
         return any(s.routed for s in self.stages)
 
+    def stage_inputs(self, x: torch.Tensor, as_stem: bool = False) -> list[torch.Tensor]:
+        """The GAP'd input [B, C_i] of every stage for a batch (what the memories compare with).
+
+        ``as_stem=True`` computes them as the stem network would: procedure 0 everywhere and the
+        attention's not-yet-routed input. Right after cloning every procedure of a stage is the same,
+        so this one pass gives the features recipe step 3 clusters, before any memory exists.
+        """
+        check_image_input(x, self.in_channels, self.min_image_size)
+        h = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            feats.append(h.mean(dim=(2, 3)))
+            if as_stem:
+                y = stage.procedures[0](h)
+                h = stage.attention(y, None) if stage.attention is not None else y
+            else:
+                h = stage(h)
+        return feats
+
     @property
     def num_procedures(self) -> int:
         return max(s.num_procedures for s in self.stages)

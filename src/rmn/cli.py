@@ -1,0 +1,152 @@
+"""The ``rmn`` command: one subcommand per recipe step, ``run`` for all of them, ``eval``, and the
+analysis commands. It only parses and calls; the work lives in :mod:`rmn.recipe` and :mod:`rmn.analysis`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# timm-style flags users already know, and where they land in the config.
+SHORT_FLAGS = {
+    "--model": "model.backbone",
+    "--procedures": "model.num_procedures",
+    "--dataset": "data.dataset",
+    "--data-dir": "data.root",
+    "--batch-size": "data.batch_size",
+    "--workers": "data.workers",
+    "--epochs": "schedule.epochs",
+    "--stem-epochs": "schedule.stem_epochs",
+    "--lr": "optim.lr",
+    "--seed": "run.seed",
+    "--device": "run.device",
+    "--output": "run.output",
+}
+
+STEP_HELP = {
+    "run": "all four steps (or the baseline, or both: run.mode) end to end",
+    "train-stem": "step 1: train the plain network for schedule.stem_epochs",
+    "clone": "step 2: clone each stage N times with its optimizer state",
+    "init-memory": "step 3: k-means on the stage inputs initialises the memories",
+    "train-routed": "step 4: routed training to the last epoch",
+}
+
+
+def _add_run_options(p: argparse.ArgumentParser, config_required: bool) -> None:
+    p.add_argument("config", nargs=None if config_required else "?", help="YAML config (configs/*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output folder")
+    for flag, key in SHORT_FLAGS.items():
+        p.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"sets {key}")
+    p.epilog = "Any config key can be set as --section.key VALUE, e.g. --optim.warmup_epochs 2 --model.attention se"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmn", description="Routing-by-Memory Networks (Neural Routing by Memory, NeurIPS 2021)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in STEP_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _add_run_options(p, config_required=name in ("run",))
+        p.set_defaults(func=_run_command)
+    p = sub.add_parser("eval", help="evaluate a checkpoint (file or run folder) on the evaluation split")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None, help="dataset root, if it moved since training")
+    p.set_defaults(func=_eval_command)
+    from .analysis.cli import register
+
+    register(sub)
+    return parser
+
+
+def parse_overrides(args: argparse.Namespace, extra: list[str]) -> dict:
+    """Collect --section.key VALUE pairs (known flags and the free-form rest)."""
+    from .recipe.config import ConfigError, parse_override_value
+
+    overrides = {k: parse_override_value(v) for k, v in vars(args).items() if "." in k and v is not None}
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--") or "." not in item:
+            raise ConfigError(f"unrecognised argument {item!r} (config keys are given as --section.key VALUE)")
+        if "=" in item:
+            key, value = item[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"{item} needs a value")
+            key, value = item[2:], extra[i + 1]
+            i += 2
+        overrides[key] = parse_override_value(value)
+    if "data.root" in overrides and overrides["data.root"] is not None:
+        overrides["data.root"] = str(overrides["data.root"])
+    if "run.output" in overrides and overrides["run.output"] is not None:
+        overrides["run.output"] = str(overrides["run.output"])
+    return overrides
+
+
+def _config_for(args, overrides):
+    """The config of a command: the YAML given, or the run folder's own config.yaml."""
+    from .recipe.config import ConfigError, load_config
+
+    path = args.config
+    if path is None:
+        out = overrides.get("run.output")
+        if out is None:
+            raise ConfigError("give a CONFIG file, or --output of an existing run")
+        path = Path(out) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{out} holds no run (no config.yaml); give a CONFIG file to start one")
+    return load_config(path, overrides)
+
+
+def _run_command(args, extra) -> int:
+    from .recipe import steps
+    from .recipe.runner import run_experiment, write_summary
+
+    overrides = parse_overrides(args, extra)
+    cfg = _config_for(args, overrides)
+    if args.command == "run":
+        run_experiment(cfg, resume=args.resume)
+        return 0
+    if cfg.run.mode == "both":
+        raise steps.RecipeError("single steps need run.mode rmn (a 'both' config is only for 'rmn run')")
+    # Single steps always continue the run in the output folder when there is one.
+    run = steps.Run.open(cfg, resume=True)
+    step = {"train-stem": steps.train_stem, "clone": steps.clone, "init-memory": steps.init_memory,
+            "train-routed": steps.train_routed}[args.command]
+    step(run)
+    if args.command == "train-routed":
+        write_summary(run, 0.0)
+    run.say(f"{args.command}: done; the run is in phase '{run.phase}' at epoch {run.epoch} ({run.out})")
+    run.log.close()
+    return 0
+
+
+def _eval_command(args, extra) -> int:
+    if extra:
+        raise ValueError(f"unrecognised argument {extra[0]!r}")
+    from .recipe.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_dir)
+    for k, v in result.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extra) or 0
+    except KeyboardInterrupt:
+        print("rmn: interrupted; the newest complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # ConfigError, DataError, CheckpointError, RecipeError, ...
+        if isinstance(e, RuntimeError) and type(e).__name__ not in ("RecipeError",):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"rmn: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Config -> data, model and optimizer. The only place that knows how a config becomes objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import data as rdata
+from ..backbones import create_backbone
+from ..network import RoutedNetwork
+from .config import Config
+
+ROUTED_PHASES = ("cloned", "memory", "routed")
+
+
+@dataclass
+class Data:
+    spec: rdata.DatasetSpec
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset
+    image_size: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name!r} but CUDA is not available on this machine (use cpu or auto)")
+    return dev
+
+
+def build_data(cfg: Config) -> Data:
+    d = cfg.data
+    kw = {"download": True} if d.download else {}
+    train = rdata.build_dataset(d.dataset, root=d.root, split="train", **kw)
+    evald = rdata.build_dataset(d.dataset, root=d.root, split="val" if d.dataset in ("tiny-imagenet", "imagenet") else "test")
+    spec = getattr(train, "spec", rdata.dataset_spec(d.dataset))
+    return Data(spec, train, evald, d.image_size or spec.image_size)
+
+
+def build_loaders(cfg: Config, data: Data, device: torch.device, rank: int = 0, world_size: int = 1):
+    """Training (augmented, shuffled), evaluation, and feature (un-augmented training set) loaders."""
+    d = cfg.data
+    per_rank = max(1, d.batch_size // world_size)
+    common = dict(device=device, workers=d.workers, seed=cfg.run.seed, image_size=d.image_size, rank=rank, world_size=world_size)
+    train = rdata.build_loader(data.train, per_rank, train=True, augment=d.augment, **common)
+    evl = rdata.build_loader(data.eval, d.eval_batch_size, train=False, augment=False, **common)
+    feats = rdata.build_loader(data.train, d.eval_batch_size, train=False, augment=False, **common)
+    return train, evl, feats
+
+
+def build_backbone(cfg: Config, data_spec, image_size: int):
+    m = cfg.model
+    kwargs = {}
+    if m.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = m.drop_path_rate
+    return create_backbone(m.backbone, num_classes=data_spec.num_classes, image_size=image_size,
+                           in_channels=data_spec.in_channels, width_mult=m.width_mult, **kwargs)
+
+
+def attention_option(cfg: Config):
+    return None if cfg.model.attention == "none" else cfg.model.attention
+
+
+def build_stem_network(cfg: Config, data_spec, image_size: int) -> RoutedNetwork:
+    """The plain network of recipe step 1 (and of the baseline): no stage routed yet."""
+    backbone = build_backbone(cfg, data_spec, image_size)
+    return RoutedNetwork.from_backbone(backbone, cfg.model.num_procedures, attention_option(cfg), routed_stages=(),
+                                       attention_reduction=cfg.model.attention_reduction)
+
+
+def clone_network(cfg: Config, stem: RoutedNetwork) -> RoutedNetwork:
+    """Recipe step 2 on the model side: N procedures per routed stage, memories to be initialised."""
+    m = cfg.model
+    return RoutedNetwork.from_backbone(stem, m.num_procedures, attention_option(cfg), routed_stages=m.routed_stages,
+                                       memory_momentum=m.memory_momentum, attention_reduction=m.attention_reduction)
+
+
+def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> RoutedNetwork:
+    """The network with the structure of ``phase`` (randomly initialised; load weights after)."""
+    stem = build_stem_network(cfg, data_spec, image_size)
+    return clone_network(cfg, stem) if phase in ROUTED_PHASES else stem
+
+
+def optimizer_kind(cfg: Config) -> str:
+    if cfg.optim.optimizer != "auto":
+        return cfg.optim.optimizer
+    return "rmsprop" if cfg.model.backbone.startswith("efficientnet") else "sgd"
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, wd 1e-5) as in the paper; RMSprop (alpha 0.9, eps 1e-3, momentum 0.9)
+    for EfficientNet, following the EfficientNet paper's TF settings. The LR is set every step."""
+    o = cfg.optim
+    if optimizer_kind(cfg) == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=o.start_lr, alpha=o.rmsprop_alpha, eps=o.rmsprop_eps,
+                                   momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.start_lr, momentum=o.momentum, weight_decay=o.weight_decay)

@@ -1,0 +1,215 @@
+"""Typed run configuration: dataclasses, set by YAML files, overridden from the command line.
+
+Every key is checked: an unknown key or a value of the wrong type is a one-line ``ConfigError``
+naming the key. The resolved config is saved beside every run and inside every checkpoint, so a
+checkpoint can rebuild its model alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    width_mult: float = 1.0
+    num_procedures: int = 8
+    attention: str = "ca"  # "ca" (Conditional Attention), "se" (no route input), "none"
+    routed_stages: Optional[list[int]] = None  # None = every stage
+    memory_momentum: float = 0.9  # the paper's alpha
+    attention_reduction: int = 16
+    drop_path_rate: Optional[float] = None  # EfficientNet stochastic depth; None = the backbone's default
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    root: Optional[str] = None
+    image_size: Optional[int] = None  # resize batches to this side; None = the dataset's native size
+    batch_size: int = 256  # effective batch per optimizer step (over all processes)
+    micro_batch_size: Optional[int] = None  # gradient accumulation: forward/backward in chunks of this
+    eval_batch_size: int = 512
+    workers: int = 0
+    augment: bool = True
+    download: bool = False
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "auto"  # "sgd", "rmsprop", or "auto" (RMSprop for EfficientNet, SGD otherwise)
+    lr: float = 0.48  # peak learning rate after warm-up
+    start_lr: float = 1e-5
+    end_lr: float = 1e-5
+    warmup_epochs: float = 5.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1e-3
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 120
+    stem_epochs: int = 40  # recipe step 1: epochs of plain training before cloning
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    mode: str = "rmn"  # "rmn" (the four steps), "baseline" (same schedule, no cloning), "both"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    output: Optional[str] = None  # default runs/<name>
+    eval_every: int = 1
+    keep_checkpoints: int = 2
+    kmeans_iters: int = 100
+    kmeans_seed: int = 0
+    kmeans_max_samples: Optional[int] = None  # cap on features per stage for k-means (None = all)
+    threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    progress: str = "auto"  # "auto" (bar on a terminal, lines otherwise), "bar", "lines", "none"
+    tensorboard: bool = True
+    sync_bn: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "Config":
+        """Cross-field checks that types alone cannot express."""
+        m, d, s, o, r = self.model, self.data, self.schedule, self.optim, self.run
+        checks = [
+            (m.num_procedures >= 1, "model.num_procedures must be >= 1"),
+            (m.attention in ("ca", "se", "none"), f"model.attention must be 'ca', 'se' or 'none', got {m.attention!r}"),
+            (0.0 <= m.memory_momentum <= 1.0, "model.memory_momentum must be in [0, 1]"),
+            (m.width_mult > 0, "model.width_mult must be > 0"),
+            (d.batch_size >= 1, "data.batch_size must be >= 1"),
+            (d.micro_batch_size is None or 1 <= d.micro_batch_size <= d.batch_size,
+             "data.micro_batch_size must be between 1 and data.batch_size"),
+            (d.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
+            (d.workers >= 0, "data.workers must be >= 0"),
+            (s.epochs >= 1, "schedule.epochs must be >= 1"),
+            (0 <= s.stem_epochs <= s.epochs, "schedule.stem_epochs must be between 0 and schedule.epochs"),
+            (o.optimizer in ("auto", "sgd", "rmsprop"), f"optim.optimizer must be 'auto', 'sgd' or 'rmsprop', got {o.optimizer!r}"),
+            (o.lr > 0, "optim.lr must be > 0"),
+            (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+            (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
+            (r.progress in ("auto", "bar", "lines", "none"), "run.progress must be 'auto', 'bar', 'lines' or 'none'"),
+            (r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
+            (r.eval_every >= 1, "run.eval_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.run.output or f"runs/{self.run.name}")
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types(section: str) -> dict[str, Any]:
+    cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "run": RunConfig}[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotation ``typ`` (int widens to float); raise naming ``key``."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(data: dict | None, base: Config | None = None) -> Config:
+    """Apply a nested dict {section: {key: value}} onto ``base`` (default: the defaults)."""
+    cfg = base or Config()
+    for section, values in (data or {}).items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' (sections: {', '.join(SECTIONS)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+        types_ = _section_types(section)
+        target = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in types_:
+                raise ConfigError(f"unknown config key '{section}.{key}' (valid: {', '.join(types_)})")
+            setattr(target, key, _coerce(f"{section}.{key}", value, types_[key]))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides ({'optim.lr': 0.1}); validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        try:
+            cfg = from_dict(data, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override '{dotted}' must look like section.key")
+        cfg = from_dict({section: {key: value}}, cfg)
+    return cfg.validate()
+
+
+def parse_override_value(text: str) -> Any:
+    """Command-line values are YAML scalars: 0.1, true, null, [0, 1], resnet18."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

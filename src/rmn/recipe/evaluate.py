@@ -1,0 +1,46 @@
+"""Evaluate a checkpoint alone: it carries its config, so it rebuilds its own model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import build
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .config import from_dict
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(model, config, checkpoint) from a checkpoint file or the newest one in a run folder."""
+    p = Path(path)
+    dev = build.resolve_device(device)
+    if p.is_dir():
+        ckpt = latest_checkpoint(p / "checkpoints" if (p / "checkpoints").is_dir() else p, dev)
+        if ckpt is None:
+            raise CheckpointError(f"{p} holds no readable checkpoint")
+    else:
+        ckpt = load_checkpoint(p, dev)
+    cfg = from_dict(ckpt.meta["config"])
+    from ..data import dataset_spec
+
+    spec = dataset_spec(cfg.data.dataset)
+    if spec.num_classes is None:  # an image folder: the class count is in the head's weights
+        spec = spec.with_classes(int(ckpt.model_state[[k for k in ckpt.model_state if k.startswith("head.")][-1]].shape[0]))
+    model = build.build_model(cfg, spec, cfg.data.image_size or spec.image_size, ckpt.meta["phase"]).to(dev)
+    model.load_state_dict(ckpt.model_state)
+    model.eval()
+    return model, cfg, ckpt
+
+
+def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str | None = None) -> dict:
+    from .steps import Run, evaluate
+
+    model, cfg, ckpt = load_model(path, device)
+    if data_root is not None:
+        cfg.data.root = data_root
+    cfg.run.device = device
+    data = build.build_data(cfg)
+    dev = build.resolve_device(device)
+    loaders = build.build_loaders(cfg, data, dev)
+    run = Run(cfg, Path(ckpt.path).parent, dev, data, model, None, ckpt.meta["phase"], loaders=loaders)
+    result = {"checkpoint": str(ckpt.path), "phase": ckpt.meta["phase"], "epoch": ckpt.meta["epoch"]}
+    result.update(evaluate(run))
+    return result

@@ -1,0 +1,317 @@
+"""The paper's four-step training strategy as four functions over one :class:`Run`.
+
+    run = Run.open(cfg)            # fresh, or resumed from the newest checkpoint in the output
+    train_stem(run)                # 1. plain network (attention fed random routes)
+    clone(run)                     # 2. N procedures per stage, optimizer state cloned
+    init_memory(run)               # 3. k-means on the stage inputs -> memories
+    train_routed(run)              # 4. routed training, memories follow a moving average
+
+Each step checks that the run is where it expects and is a no-op when it is already past it, so
+``rmn run`` and the single-step commands can be mixed and resumed at any point.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed
+from ..analysis.routing import load_stats
+from ..kmeans import kmeans
+from ..network import RoutedNetwork, clone_optimizer
+from . import build
+from .checkpoint import latest_checkpoint, restore_rng, save_checkpoint
+from .config import Config, ConfigError, from_dict
+from .logs import RunLog, Throughput, progress, progress_mode
+from .schedule import lr_at
+
+PHASES = ("stem", "cloned", "memory", "routed", "baseline")
+
+
+class RecipeError(RuntimeError):
+    """A step asked of a run that is not ready for it; the message says what to do."""
+
+
+@dataclass
+class Run:
+    cfg: Config
+    out: Path
+    device: torch.device
+    data: build.Data
+    model: RoutedNetwork
+    optimizer: torch.optim.Optimizer
+    phase: str
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    seq: int = 0  # number of the last checkpoint written
+    extra: dict[str, Any] = field(default_factory=dict)
+    loaders: tuple = ()
+    log: RunLog | None = None
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, cfg: Config, resume: bool = True, baseline: bool | None = None) -> "Run":
+        """A run in ``cfg.output_dir()``: resumed from its newest checkpoint, or started fresh."""
+        out = cfg.output_dir()
+        device = build.resolve_device(cfg.run.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        ckpt = latest_checkpoint(out / "checkpoints", device)
+        if ckpt is not None and not resume:
+            raise RecipeError(f"{out} already holds a run (checkpoint {ckpt.path.name}); pass --resume to continue it or choose another --output")
+        if ckpt is not None:
+            saved = from_dict(ckpt.meta["config"])
+            _check_same_run(saved, cfg, ckpt.path)
+            saved.run = cfg.run  # run settings (device, progress, output...) are the caller's
+            cfg = saved
+        data = build.build_data(cfg)
+        if ckpt is None:
+            torch.manual_seed(cfg.run.seed)
+            phase = "baseline" if (baseline if baseline is not None else cfg.run.mode == "baseline") else "stem"
+            model = build.build_stem_network(cfg, data.spec, data.image_size).to(device)
+            run = cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase)
+        else:
+            phase = ckpt.meta["phase"]
+            model = build.build_model(cfg, data.spec, data.image_size, phase).to(device)
+            model.load_state_dict(ckpt.model_state)
+            optimizer = build.build_optimizer(cfg, model)
+            if ckpt.optimizer_state is not None:
+                optimizer.load_state_dict(ckpt.optimizer_state)
+            restore_rng(ckpt)
+            m = ckpt.meta
+            run = cls(cfg, out, device, data, model, optimizer, phase, m["epoch"], m["step"], m["seq"], m.get("extra", {}))
+        run.loaders = build.build_loaders(cfg, data, device, distributed.rank(), distributed.world_size())
+        if distributed.rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        run.log = RunLog(out, run.seq, cfg.run.tensorboard, enabled=distributed.rank() == 0)
+        return run
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> None:
+        self.seq += 1
+        if distributed.rank() == 0:
+            meta = {"config": self.cfg.to_dict(), "step": self.step, "extra": self.extra}
+            save_checkpoint(self.out / "checkpoints", self.seq, self.phase, self.epoch, self.model, self.optimizer, meta,
+                            keep=self.cfg.run.keep_checkpoints)
+
+    def say(self, text: str) -> None:
+        if distributed.rank() == 0 and self.cfg.run.progress != "none":
+            print(text, flush=True)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.schedule.epochs
+
+
+def _check_same_run(saved: Config, given: Config, path: Path) -> None:
+    """Resuming with a config that would build a different model or schedule is refused."""
+    for section in ("model", "data", "optim", "schedule"):
+        a, b = getattr(saved, section), getattr(given, section)
+        for key, value in vars(a).items():
+            if section == "data" and key in ("workers", "eval_batch_size", "root"):
+                continue
+            if getattr(b, key) != value:
+                raise ConfigError(f"{section}.{key}={getattr(b, key)!r} differs from {value!r} in {path}; "
+                                  "resume with the run's own config.yaml or start a new --output")
+
+
+# -- the epoch loop ------------------------------------------------------------------------------
+def _schedule(run: Run) -> tuple[int, int]:
+    steps = len(run.loaders[0])
+    return run.total_epochs * steps, round(run.cfg.optim.warmup_epochs * steps)
+
+
+def train_epochs(run: Run, end_epoch: int) -> None:
+    """Train from ``run.epoch`` to ``end_epoch``: the same loop for every phase; routed stages update
+    their memories once per optimizer step, over the whole (accumulated) batch."""
+    cfg, model, opt = run.cfg, run.model, run.optimizer
+    train_loader = run.loaders[0]
+    total_steps, warmup_steps = _schedule(run)
+    micro = cfg.data.micro_batch_size
+    mode = progress_mode(cfg.run.progress)
+    model.auto_update = False
+    for epoch in range(run.epoch, end_epoch):
+        model.train()
+        model.reset_load()
+        train_loader.set_epoch(epoch)
+        meter = Throughput()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+        correct = torch.zeros((), dtype=torch.long, device=run.device)
+        bar = progress(train_loader, len(train_loader), f"{run.phase} {epoch + 1}/{run.total_epochs}", mode)
+        for x, y in bar:
+            lr = lr_at(run.step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.start_lr, cfg.optim.end_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            size = micro // distributed.world_size() if micro else x.shape[0]
+            for xm, ym in zip(x.split(max(1, size)), y.split(max(1, size))):
+                logits = model(xm)
+                loss = F.cross_entropy(logits, ym, label_smoothing=cfg.optim.label_smoothing)
+                (loss * (xm.shape[0] / x.shape[0])).backward()
+                loss_sum += loss.detach().double() * xm.shape[0]
+                correct += (logits.argmax(1) == ym).sum()
+            if not math.isfinite(float(loss.detach())):
+                raise RecipeError(f"training diverged at step {run.step} (loss {float(loss.detach())}); lower optim.lr")
+            opt.step()
+            model.update_memories()
+            run.step += 1
+            meter.add(x.shape[0])
+            if mode == "bar":
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.3g}", img_s=f"{meter.rate:.0f}")
+        run.epoch = epoch + 1
+        row = {"epoch": run.epoch, "phase": run.phase, "step": run.step, "lr": lr,
+               "train_loss": float(loss_sum) / max(meter.images, 1), "train_acc": float(correct) / max(meter.images, 1),
+               "images_per_s": meter.rate, "epoch_seconds": meter.seconds}
+        if run.epoch % cfg.run.eval_every == 0 or run.epoch == end_epoch:
+            row.update(evaluate(run))
+        row.update(routing_row(model))
+        row["seq"] = run.seq + 1
+        run.log.write(row)
+        run.say(_epoch_line(row))
+        run.save()
+
+
+def routing_row(model: RoutedNetwork) -> dict:
+    """Per-stage load shares and entropy of the epoch, and the number of dead procedures."""
+    row, dead = {}, 0
+    for i, bank in enumerate(model.memory_banks()):
+        if bank is None:
+            continue
+        st = load_stats(bank.load)
+        row[f"load_stage{i}"] = [round(s, 4) for s in st["share"]]
+        row[f"entropy_stage{i}"] = st["entropy"]
+        dead += st["dead"]
+    if row:
+        row["dead_procedures"] = dead
+    return row
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"[{row['phase']}] epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"train {100 * row['train_acc']:.2f}%"]
+    if "eval_top1" in row:
+        parts.append(f"eval top-1 {100 * row['eval_top1']:.2f}% top-5 {100 * row['eval_top5']:.2f}%")
+    parts.append(f"lr {row['lr']:.4g}")
+    parts.append(f"{row['images_per_s']:.0f} img/s")
+    if "dead_procedures" in row:
+        parts.append(f"dead {row['dead_procedures']}")
+    return " | ".join(parts)
+
+
+@torch.no_grad()
+def evaluate(run: Run, loader=None) -> dict:
+    """Top-1/top-5 on the evaluation split, and how evaluation samples spread over the memories."""
+    model = run.model
+    model.eval()
+    loader = loader if loader is not None else run.loaders[1]
+    n = torch.zeros(3, dtype=torch.float64, device=run.device)  # samples, top-1 hits, top-5 hits
+    route_counts = None
+    for x, y in loader:
+        logits = model(x)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        n += torch.stack([torch.tensor(float(x.shape[0]), device=run.device, dtype=torch.float64),
+                          (top[:, 0] == y).sum().double(), (top == y[:, None]).any(1).sum().double()])
+        routes = model.last_routes
+        if routes is not None and model.routed:
+            counts = torch.stack([torch.bincount(r.clamp(min=0), minlength=model.num_procedures) for r in routes])
+            route_counts = counts if route_counts is None else route_counts + counts
+    distributed.all_reduce_sum(n)
+    out = {"eval_top1": float(n[1] / n[0]), "eval_top5": float(n[2] / n[0])}
+    if route_counts is not None:
+        distributed.all_reduce_sum(route_counts)
+        for i, bank in enumerate(model.memory_banks()):
+            if bank is not None:
+                out[f"eval_load_stage{i}"] = [round(float(c), 4) for c in (route_counts[i].double() / route_counts[i].sum()).tolist()]
+    return out
+
+
+# -- the four steps (and the baseline) -----------------------------------------------------------
+def train_stem(run: Run) -> Run:
+    """Step 1: train the plain network (attention gets random routes) for ``schedule.stem_epochs``."""
+    if run.phase != "stem":
+        return run
+    train_epochs(run, run.cfg.schedule.stem_epochs)
+    return run
+
+
+def clone(run: Run) -> Run:
+    """Step 2: copy each stage N times, with BatchNorm statistics and the optimizer's state."""
+    if run.phase != "stem":
+        if run.phase == "baseline":
+            raise RecipeError("a baseline run has no routing steps")
+        return run
+    if run.epoch < run.cfg.schedule.stem_epochs:
+        raise RecipeError(f"stem training is at epoch {run.epoch} of {run.cfg.schedule.stem_epochs}; run train-stem first")
+    routed = build.clone_network(run.cfg, run.model).to(run.device)
+    run.optimizer = clone_optimizer(run.optimizer, run.model, routed)
+    run.model = routed
+    run.phase = "cloned"
+    run.say(f"[clone] {routed.num_procedures} procedures per routed stage; "
+            f"{sum(p.numel() for p in routed.parameters()) / 1e6:.2f}M parameters")
+    run.save()
+    return run
+
+
+def collect_stage_features(run: Run) -> list[torch.Tensor]:
+    """One eval pass of the stem network over the un-augmented training set: every stage's GAP'd input."""
+    model = run.model
+    model.eval()
+    feats: list[list[torch.Tensor]] = [[] for _ in model.stages]
+    with torch.no_grad():
+        for x, _ in run.loaders[2]:
+            for i, f in enumerate(model.stage_inputs(x, as_stem=True)):
+                feats[i].append(f.float())
+    return [torch.cat(f) for f in feats]
+
+
+def init_memory(run: Run) -> Run:
+    """Step 3: k-means (k = N) on each routed stage's input features; the centres become memories."""
+    if run.phase != "cloned":
+        if run.phase == "stem":
+            raise RecipeError("the network is not cloned yet; run clone first")
+        return run
+    t0 = time.perf_counter()
+    feats = collect_stage_features(run)
+    t1 = time.perf_counter()
+    sizes = {}
+    cap = run.cfg.run.kmeans_max_samples
+    for i, bank in enumerate(run.model.memory_banks()):
+        if bank is None:
+            continue
+        x = feats[i]
+        if cap and x.shape[0] > cap:
+            g = torch.Generator().manual_seed(run.cfg.run.kmeans_seed)
+            x = x[torch.randperm(x.shape[0], generator=g)[:cap].to(x.device)]
+        res = kmeans(x, bank.num_memories, max_iter=run.cfg.run.kmeans_iters, seed=run.cfg.run.kmeans_seed)
+        bank.set_memories(res.centers)
+        sizes[f"stage{i}"] = res.counts.tolist()
+        run.say(f"[init-memory] stage {i}: {x.shape[0]} features of dim {x.shape[1]}, cluster sizes {res.counts.tolist()}")
+    t2 = time.perf_counter()
+    run.extra["cluster_sizes"] = sizes
+    run.extra["init_memory_seconds"] = {"features": t1 - t0, "kmeans": t2 - t1}
+    run.phase = "memory"
+    run.save()
+    return run
+
+
+def train_routed(run: Run) -> Run:
+    """Step 4: routed training to the last epoch, same optimizer, same continuous LR schedule."""
+    if run.phase not in ("memory", "routed"):
+        raise RecipeError(f"the run is in phase '{run.phase}'; routed training needs initialised memories (run init-memory)")
+    run.phase = "routed"
+    train_epochs(run, run.total_epochs)
+    return run
+
+
+def train_baseline(run: Run) -> Run:
+    """The comparison row: the same schedule on the plain network, no cloning."""
+    if run.phase != "baseline":
+        raise RecipeError(f"the run in {run.out} is an RMN run (phase '{run.phase}'), not a baseline")
+    train_epochs(run, run.total_epochs)
+    return run
