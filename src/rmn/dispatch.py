@@ -25,16 +25,20 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def dispatch(x: torch.Tensor, routes: torch.Tensor, procedures: Sequence[nn.Module]) -> torch.Tensor:
-    """``out[b] = procedures[routes[b]](x[b])`` for every b, computed one slice per procedure."""
+def dispatch(x: torch.Tensor, routes: torch.Tensor, procedures: Sequence[nn.Module], run_empty: bool = False) -> torch.Tensor:
+    """``out[b] = procedures[routes[b]](x[b])`` for every b, computed one slice per procedure.
+
+    ``run_empty=True`` also calls procedures that got no sample (on an empty slice): needed when a
+    procedure holds collectives (synchronised BatchNorm) that every rank must enter.
+    """
     n = len(procedures)
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not run_empty:
         return procedures[0](x)
-    if x.shape[0] == 1:
+    if x.shape[0] == 1 and not run_empty:
         return procedures[int(routes[0])](x)
     order, counts = group_by_route(routes, n)
-    used = [j for j, c in enumerate(counts) if c > 0]
-    if len(used) == 1:  # everybody takes the same procedure: no permutation needed
+    used = [j for j, c in enumerate(counts) if c > 0 or run_empty]
+    if len(used) == 1 and not run_empty:  # everybody takes the same procedure: no permutation needed
         return procedures[used[0]](x)
     chunks = x.index_select(0, order).split(counts)
     outs = [procedures[j](chunks[j]) for j in used]

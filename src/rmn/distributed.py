@@ -1,6 +1,8 @@
 """Tiny helpers around ``torch.distributed`` so single-process code never has to ask twice."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -29,3 +31,63 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
         offset += n
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.launch) announce themselves through these variables."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def init_from_env(device: str = "auto") -> torch.device | None:
+    """Join the process group torchrun set up: NCCL with one GPU per process, gloo on CPU.
+
+    Returns this process's device, or None when not launched by torchrun (single process).
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 1:
+        return None
+    local = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return torch.device("cuda", local) if use_cuda else torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def average_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (each rank saw only its own samples), so
+    every rank evaluates and checkpoints the same model."""
+    if not is_distributed():
+        return
+    stats = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    tensors = [t for m in stats for t in (m.running_mean, m.running_var)]
+    if tensors:
+        all_reduce_sum(*tensors)
+        for t in tensors:
+            t.div_(world_size())
+
+
+def data_parallel(model: torch.nn.Module, device_ids=None) -> torch.nn.Module:
+    """DistributedDataParallel set up for routed networks.
+
+    * No buffer broadcast at each forward: the pending memory statistics are per-rank buffers that
+      ``MemoryBank.update`` all-reduces; rank 0's copy must not overwrite the others'.
+      (Parameters and buffers are still synchronised once, when DDP is built.)
+    * ``find_unused_parameters`` when some stage is routed: a procedure that gets no sample on a
+      rank has no gradient there; DDP then marks it ready and averages what the other ranks have.
+      The cost is one extra pass over the autograd graph per step.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    routed = any(getattr(m, "routed", False) for m in model.modules() if hasattr(m, "memory"))
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_forward_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=routed, **no_forward_sync)

@@ -44,6 +44,8 @@ class MemoryBank(nn.Module):
         # Statistics waiting for the next update(); not saved: checkpoints are taken between steps.
         self.register_buffer("pending_sum", torch.zeros(num_memories, dim, dtype=torch.float64), persistent=False)
         self.register_buffer("pending_count", torch.zeros(num_memories, dtype=torch.float64), persistent=False)
+        # Samples each memory received in the last update (over all ranks); None before the first.
+        self.last_counts: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"num_memories={self.num_memories}, dim={self.dim}, momentum={self.momentum}"
@@ -75,6 +77,7 @@ class MemoryBank(nn.Module):
         the same memories from the whole global batch.
         """
         distributed.all_reduce_sum(self.pending_sum, self.pending_count)
+        self.last_counts = self.pending_count.clone()
         hit = self.pending_count > 0
         if bool(hit.any()):
             mean = self.pending_sum[hit] / self.pending_count[hit].unsqueeze(1)

@@ -91,6 +91,22 @@ class RoutedNetwork(nn.Module):
             if bank is not None:
                 bank.update()
 
+    @torch.no_grad()
+    def drop_idle_gradients(self) -> None:
+        """Clear the gradients of procedures that received no sample (on any rank) in the last update.
+
+        They normally have none. With synchronised BatchNorm every procedure runs, even on an empty
+        slice, and gets zero gradients; without this, momentum and weight decay would still move it.
+        Call after :meth:`update_memories` and before the optimizer step.
+        """
+        for stage in self.stages:
+            counts = stage.memory.last_counts if stage.memory is not None else None
+            if counts is None:
+                continue
+            for j in (counts == 0).nonzero().flatten().tolist():
+                for p in stage.procedures[j].parameters():
+                    p.grad = None
+
     def reset_load(self) -> None:
         for bank in self.memory_banks():
             if bank is not None:

@@ -37,6 +37,8 @@ class RoutedStage(nn.Module):
         self.memory = memory
         self.attention = attention
         self.last_routes: torch.Tensor | None = None
+        # Call every procedure, even on an empty slice (set by rmn.syncbn.convert_sync_batchnorm).
+        self.run_every_procedure = False
 
     @property
     def routed(self) -> bool:
@@ -49,7 +51,7 @@ class RoutedStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memory is not None:
             routes = self.memory.route(x.detach().mean(dim=(2, 3)))
-            y = dispatch(x, routes, self.procedures)
+            y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure)
         else:
             routes = None
             y = self.procedures[0](x)

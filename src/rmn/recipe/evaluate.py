@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import build
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -19,12 +20,9 @@ def load_model(path: str | Path, device: str = "cpu"):
     else:
         ckpt = load_checkpoint(p, dev)
     cfg = from_dict(ckpt.meta["config"])
-    from ..data import dataset_spec
-
-    spec = dataset_spec(cfg.data.dataset)
-    if spec.num_classes is None:  # an image folder: the class count is in the head's weights
-        spec = spec.with_classes(int(ckpt.model_state[[k for k in ckpt.model_state if k.startswith("head.")][-1]].shape[0]))
-    model = build.build_model(cfg, spec, cfg.data.image_size or spec.image_size, ckpt.meta["phase"]).to(dev)
+    shape = ckpt.meta["data_shape"]  # the data the model was built for; no dataset needed to rebuild it
+    spec = SimpleNamespace(num_classes=shape["num_classes"], in_channels=shape["in_channels"])
+    model = build.build_model(cfg, spec, shape["image_size"], ckpt.meta["phase"]).to(dev)
     model.load_state_dict(ckpt.model_state)
     model.eval()
     return model, cfg, ckpt

@@ -42,6 +42,7 @@ class RunLog:
         self.jsonl = self.out / "metrics.jsonl"
         self.csv = self.out / "metrics.csv"
         self.tb = None
+        self.rows: list[dict] = []
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ Each step checks that the run is where it expects and is a no-op when it is alre
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .. import distributed
 from ..analysis.routing import load_stats
 from ..kmeans import kmeans
 from ..network import RoutedNetwork, clone_optimizer
+from ..syncbn import convert_sync_batchnorm
 from . import build
 from .checkpoint import latest_checkpoint, restore_rng, save_checkpoint
 from .config import Config, ConfigError, from_dict
@@ -52,13 +54,29 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
     loaders: tuple = ()
     log: RunLog | None = None
+    ddp: torch.nn.Module | None = None  # DistributedDataParallel around ``model`` under torchrun
+
+    def wrap(self) -> None:
+        """(Re)build the training wrapper around ``model``: SyncBN if asked, DDP when distributed
+        (see :func:`rmn.distributed.data_parallel` for how routing and DDP are reconciled)."""
+        if self.cfg.run.sync_bn:
+            convert_sync_batchnorm(self.model)
+        if not distributed.is_distributed():
+            self.ddp = None
+            return
+        self.ddp = distributed.data_parallel(self.model, [self.device.index] if self.device.type == "cuda" else None)
+
+    @property
+    def train_model(self) -> torch.nn.Module:
+        return self.ddp if self.ddp is not None else self.model
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     def open(cls, cfg: Config, resume: bool = True, baseline: bool | None = None) -> "Run":
         """A run in ``cfg.output_dir()``: resumed from its newest checkpoint, or started fresh."""
         out = cfg.output_dir()
-        device = build.resolve_device(cfg.run.device)
+        # Under torchrun: join the process group (gloo on CPU, NCCL with one GPU per process).
+        device = distributed.init_from_env(cfg.run.device) or build.resolve_device(cfg.run.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         ckpt = latest_checkpoint(out / "checkpoints", device)
@@ -85,6 +103,7 @@ class Run:
             restore_rng(ckpt)
             m = ckpt.meta
             run = cls(cfg, out, device, data, model, optimizer, phase, m["epoch"], m["step"], m["seq"], m.get("extra", {}))
+        run.wrap()
         run.loaders = build.build_loaders(cfg, data, device, distributed.rank(), distributed.world_size())
         if distributed.rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +115,9 @@ class Run:
     def save(self) -> None:
         self.seq += 1
         if distributed.rank() == 0:
-            meta = {"config": self.cfg.to_dict(), "step": self.step, "extra": self.extra}
+            spec = self.data.spec
+            shape = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": self.data.image_size}
+            meta = {"config": self.cfg.to_dict(), "step": self.step, "extra": self.extra, "data_shape": shape}
             save_checkpoint(self.out / "checkpoints", self.seq, self.phase, self.epoch, self.model, self.optimizer, meta,
                             keep=self.cfg.run.keep_checkpoints)
 
@@ -130,7 +151,7 @@ def _schedule(run: Run) -> tuple[int, int]:
 def train_epochs(run: Run, end_epoch: int) -> None:
     """Train from ``run.epoch`` to ``end_epoch``: the same loop for every phase; routed stages update
     their memories once per optimizer step, over the whole (accumulated) batch."""
-    cfg, model, opt = run.cfg, run.model, run.optimizer
+    cfg, model, opt, fwd = run.cfg, run.model, run.optimizer, run.train_model
     train_loader = run.loaders[0]
     total_steps, warmup_steps = _schedule(run)
     micro = cfg.data.micro_batch_size
@@ -149,27 +170,38 @@ def train_epochs(run: Run, end_epoch: int) -> None:
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            size = micro // distributed.world_size() if micro else x.shape[0]
-            for xm, ym in zip(x.split(max(1, size)), y.split(max(1, size))):
-                logits = model(xm)
-                loss = F.cross_entropy(logits, ym, label_smoothing=cfg.optim.label_smoothing)
-                (loss * (xm.shape[0] / x.shape[0])).backward()
+            size = max(1, micro // distributed.world_size()) if micro else x.shape[0]
+            pieces = list(zip(x.split(size), y.split(size)))
+            for k, (xm, ym) in enumerate(pieces):
+                # gradients are all-reduced once, on the last micro-batch of the step
+                sync = run.ddp.no_sync() if run.ddp is not None and k < len(pieces) - 1 else contextlib.nullcontext()
+                with sync:
+                    logits = fwd(xm)
+                    loss = F.cross_entropy(logits, ym, label_smoothing=cfg.optim.label_smoothing)
+                    (loss * (xm.shape[0] / x.shape[0])).backward()
                 loss_sum += loss.detach().double() * xm.shape[0]
                 correct += (logits.argmax(1) == ym).sum()
             if not math.isfinite(float(loss.detach())):
                 raise RecipeError(f"training diverged at step {run.step} (loss {float(loss.detach())}); lower optim.lr")
+            model.update_memories()  # once per optimizer step, over the whole (global) batch
+            model.drop_idle_gradients()
             opt.step()
-            model.update_memories()
             run.step += 1
             meter.add(x.shape[0])
             if mode == "bar":
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.3g}", img_s=f"{meter.rate:.0f}")
         run.epoch = epoch + 1
+        distributed.average_batchnorm_statistics(model)
+        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(meter.images), dtype=torch.float64, device=run.device)])
+        distributed.all_reduce_sum(totals)
+        images = max(float(totals[2]), 1.0)
         row = {"epoch": run.epoch, "phase": run.phase, "step": run.step, "lr": lr,
-               "train_loss": float(loss_sum) / max(meter.images, 1), "train_acc": float(correct) / max(meter.images, 1),
-               "images_per_s": meter.rate, "epoch_seconds": meter.seconds}
+               "train_loss": float(totals[0]) / images, "train_acc": float(totals[1]) / images,
+               "images_per_s": float(totals[2]) / max(meter.seconds, 1e-9), "epoch_seconds": meter.seconds}
         if run.epoch % cfg.run.eval_every == 0 or run.epoch == end_epoch:
             row.update(evaluate(run))
+        # every rank ends the epoch with the global loads (reset when the next epoch starts)
+        distributed.all_reduce_sum(*[b.load for b in model.memory_banks() if b is not None])
         row.update(routing_row(model))
         row["seq"] = run.seq + 1
         run.log.write(row)
@@ -210,21 +242,19 @@ def evaluate(run: Run, loader=None) -> dict:
     model.eval()
     loader = loader if loader is not None else run.loaders[1]
     n = torch.zeros(3, dtype=torch.float64, device=run.device)  # samples, top-1 hits, top-5 hits
-    route_counts = None
+    route_counts = torch.zeros(len(model.stages), model.num_procedures, dtype=torch.long, device=run.device)
     for x, y in loader:
         logits = model(x)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         n += torch.stack([torch.tensor(float(x.shape[0]), device=run.device, dtype=torch.float64),
                           (top[:, 0] == y).sum().double(), (top == y[:, None]).any(1).sum().double()])
-        routes = model.last_routes
-        if routes is not None and model.routed:
-            counts = torch.stack([torch.bincount(r.clamp(min=0), minlength=model.num_procedures) for r in routes])
-            route_counts = counts if route_counts is None else route_counts + counts
-    distributed.all_reduce_sum(n)
+        for i, r in enumerate(model.last_routes):
+            route_counts[i] += torch.bincount(r.clamp(min=0), minlength=model.num_procedures)
+    # ranks may hold different numbers of evaluation batches: collectives only after the loop
+    distributed.all_reduce_sum(n, route_counts)
     out = {"eval_top1": float(n[1] / n[0]), "eval_top5": float(n[2] / n[0])}
-    if route_counts is not None:
-        distributed.all_reduce_sum(route_counts)
+    if model.routed:
         for i, bank in enumerate(model.memory_banks()):
             if bank is not None:
                 out[f"eval_load_stage{i}"] = [round(float(c), 4) for c in (route_counts[i].double() / route_counts[i].sum()).tolist()]
@@ -251,6 +281,7 @@ def clone(run: Run) -> Run:
     routed = build.clone_network(run.cfg, run.model).to(run.device)
     run.optimizer = clone_optimizer(run.optimizer, run.model, routed)
     run.model = routed
+    run.wrap()
     run.phase = "cloned"
     run.say(f"[clone] {routed.num_procedures} procedures per routed stage; "
             f"{sum(p.numel() for p in routed.parameters()) / 1e6:.2f}M parameters")
@@ -281,6 +312,8 @@ def init_memory(run: Run) -> Run:
     t1 = time.perf_counter()
     sizes = {}
     cap = run.cfg.run.kmeans_max_samples
+    if cap:  # under torch.distributed each rank clusters its share of the cap
+        cap = max(1, cap // distributed.world_size())
     for i, bank in enumerate(run.model.memory_banks()):
         if bank is None:
             continue
@@ -291,7 +324,7 @@ def init_memory(run: Run) -> Run:
         res = kmeans(x, bank.num_memories, max_iter=run.cfg.run.kmeans_iters, seed=run.cfg.run.kmeans_seed)
         bank.set_memories(res.centers)
         sizes[f"stage{i}"] = res.counts.tolist()
-        run.say(f"[init-memory] stage {i}: {x.shape[0]} features of dim {x.shape[1]}, cluster sizes {res.counts.tolist()}")
+        run.say(f"[init-memory] stage {i}: {int(res.counts.sum())} features of dim {x.shape[1]}, cluster sizes {res.counts.tolist()}")
     t2 = time.perf_counter()
     run.extra["cluster_sizes"] = sizes
     run.extra["init_memory_seconds"] = {"features": t1 - t0, "kmeans": t2 - t1}
