@@ -8,6 +8,20 @@ Memories are buffers (saved with the model, never touched by the optimizer). Rou
 mode only *accumulates* per-memory sums and counts; :meth:`MemoryBank.update` applies them. That
 split lets gradient accumulation update once per optimizer step over the whole effective batch,
 and lets data-parallel training all-reduce the statistics first so every replica stays identical.
+
+Beyond the paper (all off by default), for training at small batch sizes where the paper's rule
+lets procedures die:
+
+* ``rule="count_ema"``: EMAs of per-memory counts ``c`` and feature sums ``s``;
+  ``m <- (s + lam * m) / (c + lam)``. A memory's move is weighed by how many samples it saw, and a
+  memory without samples stays where it is (the pseudo-count ``lam`` is the Laplace smoothing).
+* ``accumulate_steps=K``: statistics of K steps form one update (a "virtual batch" for memories).
+* revival: a memory whose load share stays at or below ``revive_threshold`` for ``revive_after``
+  consecutive steps is re-seeded by splitting the most loaded memory along the per-dimension
+  spread of its samples: ``m_dead = mu + d``, ``m_donor = mu - d``, ``d = split_scale * sigma``.
+  The network may also re-clone the procedure (see ``RoutedNetwork.update_memories``).
+
+Every decision is taken on all-reduced statistics, so all ranks revive the same memories.
 """
 from __future__ import annotations
 
@@ -29,26 +43,67 @@ def nearest(features: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
 class MemoryBank(nn.Module):
     """N memory vectors of dimension C with moving-average updates and load counters."""
 
-    def __init__(self, num_memories: int, dim: int, momentum: float = 0.9) -> None:
+    RULES = ("ema", "count_ema")
+
+    def __init__(
+        self,
+        num_memories: int,
+        dim: int,
+        momentum: float = 0.9,
+        rule: str = "ema",
+        accumulate_steps: int = 1,
+        smoothing: float = 1.0,
+        revive_after: int = 0,
+        revive_threshold: float = 0.0,
+        split_scale: float = 0.5,
+    ) -> None:
         super().__init__()
         if num_memories < 1:
             raise ValueError(f"num_memories must be >= 1, got {num_memories}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"memory momentum (alpha) must be in [0, 1], got {momentum}")
+        if rule not in self.RULES:
+            raise ValueError(f"memory update rule must be one of {', '.join(self.RULES)}, got {rule!r}")
+        if accumulate_steps < 1:
+            raise ValueError(f"memory accumulate_steps must be >= 1, got {accumulate_steps}")
+        if smoothing <= 0:
+            raise ValueError(f"memory smoothing must be > 0, got {smoothing}")
+        if revive_after < 0 or not 0.0 <= revive_threshold < 1.0:
+            raise ValueError("revive_after must be >= 0 and revive_threshold in [0, 1)")
         self.num_memories = num_memories
         self.dim = dim
         self.momentum = momentum
+        self.rule = rule
+        self.accumulate_steps = accumulate_steps
+        self.smoothing = smoothing
+        self.revive_after = revive_after
+        self.revive_threshold = revive_threshold
+        self.split_scale = split_scale
+        f64 = torch.float64
         self.register_buffer("memories", torch.zeros(num_memories, dim))
         # Samples routed to each memory since the last reset_load() (training mode only).
         self.register_buffer("load", torch.zeros(num_memories, dtype=torch.long))
-        # Statistics waiting for the next update(); not saved: checkpoints are taken between steps.
-        self.register_buffer("pending_sum", torch.zeros(num_memories, dim, dtype=torch.float64), persistent=False)
-        self.register_buffer("pending_count", torch.zeros(num_memories, dtype=torch.float64), persistent=False)
-        # Samples each memory received in the last update (over all ranks); None before the first.
+        # Statistics of the current step; not saved: checkpoints are taken between steps.
+        self.register_buffer("pending_sum", torch.zeros(num_memories, dim, dtype=f64), persistent=False)
+        self.register_buffer("pending_count", torch.zeros(num_memories, dtype=f64), persistent=False)
+        if revive_after:
+            self.register_buffer("pending_sqsum", torch.zeros(num_memories, dim, dtype=f64), persistent=False)
+            self.register_buffer("idle_steps", torch.zeros(num_memories, dtype=torch.long))
+        if accumulate_steps > 1:  # statistics of the steps since the last update (saved: resumable mid-way)
+            self.register_buffer("acc_sum", torch.zeros(num_memories, dim, dtype=f64))
+            self.register_buffer("acc_count", torch.zeros(num_memories, dtype=f64))
+            self.register_buffer("acc_steps", torch.zeros((), dtype=torch.long))
+        if rule == "count_ema":
+            self.register_buffer("ema_sum", torch.zeros(num_memories, dim, dtype=f64))
+            self.register_buffer("ema_count", torch.zeros(num_memories, dtype=f64))
+        # Samples each memory received in the last step (over all ranks); None before the first.
         self.last_counts: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return f"num_memories={self.num_memories}, dim={self.dim}, momentum={self.momentum}"
+        extra = "" if self.rule == "ema" else f", rule={self.rule}"
+        extra += "" if self.accumulate_steps == 1 else f", accumulate_steps={self.accumulate_steps}"
+        extra += "" if not self.revive_after else f", revive_after={self.revive_after}"
+        return f"num_memories={self.num_memories}, dim={self.dim}, momentum={self.momentum}{extra}"
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
         """Route GAP'd features [B, C]; in training mode also record them for the next update."""
@@ -65,27 +120,79 @@ class MemoryBank(nn.Module):
         """Add per-memory feature sums and counts of one (micro-)batch to the pending statistics."""
         f = features.detach().to(self.pending_sum.dtype)
         self.pending_sum.index_add_(0, routes, f)
+        if self.revive_after:
+            self.pending_sqsum.index_add_(0, routes, f * f)
         counts = torch.bincount(routes, minlength=self.num_memories)
         self.pending_count += counts.to(self.pending_count.dtype)
         self.load += counts
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Apply the moving-average update from the pending statistics, then clear them.
-
-        Under torch.distributed the sums and counts are all-reduced first, so every rank computes
-        the same memories from the whole global batch.
-        """
-        distributed.all_reduce_sum(self.pending_sum, self.pending_count)
+    def update(self) -> list[tuple[int, int]]:
+        """End of an optimizer step: all-reduce this step's statistics, apply the update rule (every
+        ``accumulate_steps`` steps), revive starving memories. Returns the revivals as
+        ``(revived, donor)`` pairs."""
+        stats = [self.pending_sum, self.pending_count] + ([self.pending_sqsum] if self.revive_after else [])
+        distributed.all_reduce_sum(*stats)
         self.last_counts = self.pending_count.clone()
-        hit = self.pending_count > 0
+        if self.accumulate_steps > 1:
+            self.acc_sum += self.pending_sum
+            self.acc_count += self.pending_count
+            self.acc_steps += 1
+            if int(self.acc_steps) >= self.accumulate_steps:
+                self._apply_rule(self.acc_sum, self.acc_count)
+                self.acc_sum.zero_()
+                self.acc_count.zero_()
+                self.acc_steps.zero_()
+        else:
+            self._apply_rule(self.pending_sum, self.pending_count)
+        revived = self._revive() if self.revive_after else []
+        for t in stats:
+            t.zero_()
+        return revived
+
+    def _apply_rule(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        a = self.momentum
+        if self.rule == "count_ema":
+            self.ema_count.mul_(a).add_((1 - a) * counts)
+            self.ema_sum.mul_(a).add_((1 - a) * sums)
+            lam = self.smoothing
+            new = (self.ema_sum + lam * self.memories.double()) / (self.ema_count + lam).unsqueeze(1)
+            self.memories.copy_(new.to(self.memories.dtype))
+            return
+        hit = counts > 0
         if bool(hit.any()):
-            mean = self.pending_sum[hit] / self.pending_count[hit].unsqueeze(1)
-            old = self.memories[hit].to(torch.float64)
-            new = self.momentum * old + (1.0 - self.momentum) * mean
+            mean = sums[hit] / counts[hit].unsqueeze(1)
+            new = a * self.memories[hit].to(torch.float64) + (1.0 - a) * mean
             self.memories[hit] = new.to(self.memories.dtype)
-        self.pending_sum.zero_()
-        self.pending_count.zero_()
+
+    def _revive(self) -> list[tuple[int, int]]:
+        counts = self.last_counts.clone()
+        total = float(counts.sum())
+        if total <= 0:
+            return []
+        starving = counts / total <= self.revive_threshold
+        self.idle_steps[starving] += 1
+        self.idle_steps[~starving] = 0
+        events = []
+        for j in (self.idle_steps >= self.revive_after).nonzero().flatten().tolist():
+            donor = int(torch.argmax(counts))
+            if donor == j or counts[donor] < 2:
+                continue
+            n = counts[donor]
+            mu = self.pending_sum[donor] / n
+            sigma = (self.pending_sqsum[donor] / n - mu * mu).clamp_min(0).sqrt()
+            d = self.split_scale * sigma
+            self.memories[j] = (mu + d).to(self.memories.dtype)
+            self.memories[donor] = (mu - d).to(self.memories.dtype)
+            if self.rule == "count_ema":  # both halves start with half of the donor's history
+                self.ema_count[j] = self.ema_count[donor] = self.ema_count[donor] / 2
+                self.ema_sum[j] = self.memories[j].double() * self.ema_count[j]
+                self.ema_sum[donor] = self.memories[donor].double() * self.ema_count[donor]
+            self.idle_steps[j] = 0
+            self.idle_steps[donor] = 0
+            counts[donor] = 0  # one split per donor per step
+            events.append((j, donor))
+        return events
 
     @torch.no_grad()
     def set_memories(self, memories: torch.Tensor) -> None:
@@ -95,6 +202,9 @@ class MemoryBank(nn.Module):
                 f"expected memories of shape ({self.num_memories}, {self.dim}), got {tuple(memories.shape)}"
             )
         self.memories.copy_(memories.to(self.memories))
+        if self.rule == "count_ema":
+            self.ema_sum.zero_()
+            self.ema_count.zero_()
 
     @torch.no_grad()
     def reset_load(self) -> None:

@@ -85,11 +85,33 @@ class RoutedNetwork(nn.Module):
         return [s.memory for s in self.stages]
 
     @torch.no_grad()
-    def update_memories(self) -> None:
-        """Apply the pending moving-average updates of every routed stage."""
-        for bank in self.memory_banks():
+    def update_memories(self) -> list[tuple[int, int, int]]:
+        """Apply the pending memory updates of every routed stage.
+
+        Returns the memory revivals of this step as ``(stage, revived, donor)`` (empty unless
+        revival is switched on); :meth:`reclone_procedure` gives a revived memory its donor's procedure.
+        """
+        events = []
+        for i, bank in enumerate(self.memory_banks()):
             if bank is not None:
-                bank.update()
+                events += [(i, j, donor) for j, donor in bank.update()]
+        return events
+
+    @torch.no_grad()
+    def reclone_procedure(self, stage: int, target: int, donor: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Overwrite procedure ``target`` of a stage with a copy of procedure ``donor`` (weights,
+        BatchNorm statistics and, given the optimizer, its per-parameter state)."""
+        procs = self.stages[stage].procedures
+        procs[target].load_state_dict(procs[donor].state_dict())
+        for p in procs[target].parameters():  # gradients of the old weights do not apply to the copy
+            p.grad = None
+        if optimizer is None:
+            return
+        for p_t, p_d in zip(procs[target].parameters(), procs[donor].parameters()):
+            if p_d in optimizer.state:
+                optimizer.state[p_t] = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in optimizer.state[p_d].items()}
+            else:
+                optimizer.state.pop(p_t, None)
 
     @torch.no_grad()
     def drop_idle_gradients(self) -> None:
@@ -150,6 +172,7 @@ class RoutedNetwork(nn.Module):
         memory_momentum: float = 0.9,
         attention_reduction: int = 16,
         example_input: torch.Tensor | None = None,
+        memory_options: dict | None = None,
     ) -> "RoutedNetwork":
         """Clone each stage of ``backbone`` into ``num_procedures`` procedures with memory heads.
 
@@ -158,6 +181,7 @@ class RoutedNetwork(nn.Module):
         ``routed_stages``: indices of the stages to route (default all; ``()`` routes none, which
         gives the stem network). ``attention``: True/'ca', 'se' (no route input) or False.
         ``example_input`` is only needed for a user's CNN that does not declare its channel counts.
+        ``memory_options`` go to every :class:`MemoryBank` (update rule, accumulation, revival).
         """
         if not isinstance(num_procedures, int) or num_procedures < 1:
             raise ValueError(f"num_procedures must be an integer >= 1, got {num_procedures!r}")
@@ -189,7 +213,7 @@ class RoutedNetwork(nn.Module):
             attn = _attention(kind, src_attn, out_channels[i], num_procedures, attention_reduction, i, _device_of(proc))
             if i in routed:
                 procs = [copy.deepcopy(proc) for _ in range(num_procedures)]
-                memory = MemoryBank(num_procedures, stage_channels[i], memory_momentum)
+                memory = MemoryBank(num_procedures, stage_channels[i], memory_momentum, **(memory_options or {}))
                 memory.to(_device_of(proc))
             else:
                 procs, memory = [proc], None

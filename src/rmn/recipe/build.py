@@ -73,8 +73,11 @@ def build_stem_network(cfg: Config, data_spec, image_size: int) -> RoutedNetwork
 def clone_network(cfg: Config, stem: RoutedNetwork) -> RoutedNetwork:
     """Recipe step 2 on the model side: N procedures per routed stage, memories to be initialised."""
     m = cfg.model
+    memory = {"rule": m.memory_rule, "accumulate_steps": m.memory_accumulate_steps, "smoothing": m.memory_smoothing,
+              "revive_after": m.revive_after, "revive_threshold": m.revive_threshold}
     return RoutedNetwork.from_backbone(stem, m.num_procedures, attention_option(cfg), routed_stages=m.routed_stages,
-                                       memory_momentum=m.memory_momentum, attention_reduction=m.attention_reduction)
+                                       memory_momentum=m.memory_momentum, attention_reduction=m.attention_reduction,
+                                       memory_options=memory)
 
 
 def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> RoutedNetwork:

@@ -32,6 +32,13 @@ class ModelConfig:
     attention: str = "ca"  # "ca" (Conditional Attention), "se" (no route input), "none"
     routed_stages: Optional[list[int]] = None  # None = every stage
     memory_momentum: float = 0.9  # the paper's alpha
+    # Beyond the paper (rmn.memory): "ema" (paper) or "count_ema"; statistics over K steps; revival.
+    memory_rule: str = "ema"
+    memory_accumulate_steps: int = 1
+    memory_smoothing: float = 1.0  # count_ema's Laplace pseudo-count
+    revive_after: int = 0  # steps a memory may starve before it is re-seeded (0 = never)
+    revive_threshold: float = 0.0  # load share at or below which a memory is starving
+    revive_reclone: bool = True  # also copy the donor's procedure and optimizer state
     attention_reduction: int = 16
     drop_path_rate: Optional[float] = None  # EfficientNet stochastic depth; None = the backbone's default
 
@@ -108,6 +115,11 @@ class Config:
             (m.num_procedures >= 1, "model.num_procedures must be >= 1"),
             (m.attention in ("ca", "se", "none"), f"model.attention must be 'ca', 'se' or 'none', got {m.attention!r}"),
             (0.0 <= m.memory_momentum <= 1.0, "model.memory_momentum must be in [0, 1]"),
+            (m.memory_rule in ("ema", "count_ema"), f"model.memory_rule must be 'ema' or 'count_ema', got {m.memory_rule!r}"),
+            (m.memory_accumulate_steps >= 1, "model.memory_accumulate_steps must be >= 1"),
+            (m.memory_smoothing > 0, "model.memory_smoothing must be > 0"),
+            (m.revive_after >= 0, "model.revive_after must be >= 0"),
+            (0.0 <= m.revive_threshold < 1.0, "model.revive_threshold must be in [0, 1)"),
             (m.width_mult > 0, "model.width_mult must be > 0"),
             (d.batch_size >= 1, "data.batch_size must be >= 1"),
             (d.micro_batch_size is None or 1 <= d.micro_batch_size <= d.batch_size,

@@ -162,6 +162,7 @@ def train_epochs(run: Run, end_epoch: int) -> None:
         model.reset_load()
         train_loader.set_epoch(epoch)
         meter = Throughput()
+        revived = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
         correct = torch.zeros((), dtype=torch.long, device=run.device)
         bar = progress(train_loader, len(train_loader), f"{run.phase} {epoch + 1}/{run.total_epochs}", mode)
@@ -183,7 +184,13 @@ def train_epochs(run: Run, end_epoch: int) -> None:
                 correct += (logits.argmax(1) == ym).sum()
             if not math.isfinite(float(loss.detach())):
                 raise RecipeError(f"training diverged at step {run.step} (loss {float(loss.detach())}); lower optim.lr")
-            model.update_memories()  # once per optimizer step, over the whole (global) batch
+            revivals = model.update_memories()  # once per optimizer step, over the whole (global) batch
+            for stage_i, dead, donor in revivals:
+                if cfg.model.revive_reclone:
+                    model.reclone_procedure(stage_i, dead, donor, opt)
+                run.say(f"[revive] step {run.step}: stage {stage_i} memory {dead} re-seeded from memory {donor}"
+                        + (" (procedure re-cloned)" if cfg.model.revive_reclone else ""))
+            revived += len(revivals)
             model.drop_idle_gradients()
             opt.step()
             run.step += 1
@@ -203,6 +210,8 @@ def train_epochs(run: Run, end_epoch: int) -> None:
         # every rank ends the epoch with the global loads (reset when the next epoch starts)
         distributed.all_reduce_sum(*[b.load for b in model.memory_banks() if b is not None])
         row.update(routing_row(model))
+        if cfg.model.revive_after:
+            row["revived"] = revived
         row["seq"] = run.seq + 1
         run.log.write(row)
         run.say(_epoch_line(row))
