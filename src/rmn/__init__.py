@@ -2,6 +2,7 @@
 from .attention import ConditionalAttention
 from .backbones import Backbone, create_backbone, list_backbones, register_backbone
 from .dispatch import dispatch
+from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
 from .network import RoutedNetwork, clone_optimizer
 from .stage import RoutedStage
@@ -17,6 +18,8 @@ __all__ = [
     "clone_optimizer",
     "create_backbone",
     "dispatch",
+    "KMeansResult",
+    "kmeans",
     "list_backbones",
     "register_backbone",
 ]

@@ -71,7 +71,7 @@ def parse_overrides(args: argparse.Namespace, extra: list[str]) -> dict:
             key, value = item[2:].split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(extra):
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
                 raise ConfigError(f"{item} needs a value")
             key, value = item[2:], extra[i + 1]
             i += 2
@@ -132,10 +132,35 @@ def _eval_command(args, extra) -> int:
     return 0
 
 
+def _split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the ``--section.key VALUE`` / ``--section.key=VALUE`` pairs out before argparse sees them:
+    argparse would hand an unknown option's VALUE to a positional (CONFIG) instead."""
+    rest, dotted, i = [], [], 0
+    while i < len(argv):
+        item = argv[i]
+        if item == "--":
+            rest += argv[i:]
+            break
+        if item.startswith("--") and "." in item.split("=", 1)[0]:
+            take = 1 if "=" in item or i + 1 >= len(argv) or argv[i + 1].startswith("--") else 2
+            dotted += argv[i:i + take]
+            i += take
+        else:
+            rest.append(item)
+            i += 1
+    return rest, dotted
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    rest, dotted = _split_dotted(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(rest)
+    extra += dotted
     try:
+        if args.func not in (_run_command, _eval_command):  # the analysis commands: handler(args)
+            if extra:
+                raise ValueError(f"unrecognised argument {extra[0]!r}")
+            return args.func(args) or 0
         return args.func(args, extra) or 0
     except KeyboardInterrupt:
         print("rmn: interrupted; the newest complete checkpoint is kept (continue with --resume)", file=sys.stderr)

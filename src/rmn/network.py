@@ -148,8 +148,10 @@ class RoutedNetwork(nn.Module):
         check_image_input(x, self.in_channels, self.min_image_size)
         h = self.stem(x)
         feats = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             feats.append(h.mean(dim=(2, 3)))
+            if i == len(self.stages) - 1:  # the last stage's output is not an input of anything
+                break
             if as_stem:
                 y = stage.procedures[0](h)
                 h = stage.attention(y, None) if stage.attention is not None else y

@@ -51,7 +51,15 @@ class RoutedStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memory is not None:
             routes = self.memory.route(x.detach().mean(dim=(2, 3)))
-            y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure)
+            try:
+                y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure)
+            except ValueError as e:
+                if "Expected more than 1 value per channel" not in str(e):
+                    raise
+                raise ValueError(
+                    "a procedure received a single sample whose feature map is 1x1, which BatchNorm cannot "
+                    "normalise in training; use larger images (data.image_size) or a larger batch"
+                ) from None
         else:
             routes = None
             y = self.procedures[0](x)

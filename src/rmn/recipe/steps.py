@@ -135,7 +135,7 @@ def _check_same_run(saved: Config, given: Config, path: Path) -> None:
     for section in ("model", "data", "optim", "schedule"):
         a, b = getattr(saved, section), getattr(given, section)
         for key, value in vars(a).items():
-            if section == "data" and key in ("workers", "eval_batch_size", "root"):
+            if section == "data" and key in ("workers", "eval_batch_size", "root", "micro_batch_size"):
                 continue
             if getattr(b, key) != value:
                 raise ConfigError(f"{section}.{key}={getattr(b, key)!r} differs from {value!r} in {path}; "

@@ -1,0 +1,233 @@
+"""The ``rmn`` command: errors, overrides, single steps, eval, mode both, and kill -9 then --resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rmn.cli import main
+from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
+
+CONFIG = {  # 6 epochs of 11 steps on digits at 8x8; a whole run is a few seconds on one thread
+    "model": {"backbone": "resnet18", "width_mult": 0.125, "num_procedures": 3, "routed_stages": [0, 1, 2]},
+    "data": {"dataset": "digits", "image_size": 8, "batch_size": 128, "eval_batch_size": 512},
+    "optim": {"lr": 0.1, "warmup_epochs": 1},
+    "schedule": {"epochs": 6, "stem_epochs": 2},
+    "run": {"name": "cli", "progress": "none", "tensorboard": False, "threads": 1},
+}
+
+
+def without_timing(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "timing"}
+
+
+def read_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def final_state(out: Path) -> dict:
+    return load_checkpoint(list_checkpoints(out / "checkpoints")[-1]).model_state
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    p.write_text(yaml.safe_dump(CONFIG))
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, tmp_path_factory) -> Path:
+    """An uninterrupted ``rmn run`` (in this process)."""
+    out = tmp_path_factory.mktemp("reference")
+    assert main(["run", str(config_file), "--output", str(out)]) == 0
+    return out
+
+
+# -- errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["run", "{missing}"], "config file not found"),
+    (["run", "{cfg}", "--optim.lrr", "0.1"], "optim.lrr"),
+    (["run", "{cfg}", "--optimiser.lr", "0.1"], "optimiser"),
+    (["run", "{cfg}", "--epochs", "three"], "schedule.epochs"),
+    (["run", "{cfg}", "--batch-size", "1.5"], "data.batch_size"),
+    (["run", "{cfg}", "--optim.lr=fast"], "optim.lr"),
+    (["run", "{cfg}", "--data.augment", "maybe"], "data.augment"),
+    (["run", "{cfg}", "stray"], "'stray'"),
+    (["run", "{cfg}", "--optim.lr"], "--optim.lr needs a value"),
+    (["run", "{cfg}", "--run.mode", "fast"], "run.mode"),
+    (["run", "{cfg}", "--stem-epochs", "99"], "schedule.stem_epochs"),
+    (["run", "{bad_yaml}"], "not valid YAML"),
+    (["run", "{bad_section}"], "modle"),
+    (["run", "{bad_key}"], "model.procedures"),
+    (["train-stem"], "give a CONFIG"),
+    (["clone"], "holds no run"),
+    (["eval", "{missing}"], "not found"),
+    (["eval", "{cfg}", "--optim.lr", "1"], "unrecognised argument"),
+])
+def test_errors_are_one_line_with_exit_code_2(args, needle, config_file, tmp_path, capsys):
+    files = {
+        "cfg": str(config_file),
+        "missing": str(tmp_path / "missing.yaml"),
+        "bad_yaml": tmp_path / "bad.yaml",
+        "bad_section": tmp_path / "section.yaml",
+        "bad_key": tmp_path / "key.yaml",
+    }
+    files["bad_yaml"].write_text("model: {backbone: resnet18\n")
+    files["bad_section"].write_text("modle:\n  backbone: resnet18\n")
+    files["bad_key"].write_text("model:\n  procedures: 4\n")
+    argv = [a.format(**files) for a in args]
+    if argv[0] != "eval":  # never train by accident in the working directory
+        argv += ["--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rmn: error: ") and needle in lines[0], lines[0]
+    assert not list_checkpoints(tmp_path / "out" / "checkpoints")
+
+
+def test_overrides_in_every_spelling_and_position(config_file, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_experiment(cfg, resume=False):
+        seen["cfg"], seen["resume"] = cfg, resume
+        return []
+
+    monkeypatch.setattr("rmn.recipe.runner.run_experiment", fake_run_experiment)
+    out = tmp_path / "o"
+    argv = ["run", "--optim.lr", "0.3", str(config_file),  # a dotted override before the CONFIG positional
+            "--output", str(out), "--epochs", "9", "--optim.warmup_epochs=2", "--model.routed_stages", "[0, 1]",
+            "--seed", "7", "--device", "cpu", "--optim.start_lr", "1e-4", "--model.attention", "se", "--resume"]
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert seen["resume"] is True
+    assert cfg.optim.lr == 0.3 and cfg.schedule.epochs == 9 and cfg.optim.warmup_epochs == 2.0
+    assert cfg.model.routed_stages == [0, 1] and cfg.model.attention == "se"
+    assert cfg.run.seed == 7 and cfg.run.device == "cpu" and cfg.optim.start_lr == 1e-4
+    assert cfg.run.output == str(out)
+    assert cfg.model.num_procedures == 3 and cfg.schedule.stem_epochs == 2  # the file's values stay
+
+
+# -- the steps from the command line -----------------------------------------------------------------
+def test_single_step_commands_reach_the_same_run(reference, config_file, tmp_path, capsys):
+    out = str(tmp_path / "steps")
+    assert main(["init-memory", str(config_file), "--output", out]) == 2  # out of order: says what to run
+    assert "clone" in capsys.readouterr().err
+    assert main(["train-stem", str(config_file), "--output", out]) == 0
+    assert [p.name for p in list_checkpoints(Path(out) / "checkpoints")][-1] == "ckpt-00002-stem-e2.safetensors"
+    assert main(["train-routed", "--output", out]) == 2
+    assert "init-memory" in capsys.readouterr().err
+    for command, newest in [("clone", "ckpt-00003-cloned-e2"), ("init-memory", "ckpt-00004-memory-e2"),
+                            ("train-routed", "ckpt-00008-routed-e6")]:
+        assert main([command, "--output", out]) == 0  # later steps read the run folder's config.yaml
+        assert list_checkpoints(Path(out) / "checkpoints")[-1].name == newest + ".safetensors"
+    assert without_timing(read_summary(Path(out))) == without_timing(read_summary(reference))
+    assert_same_state(final_state(Path(out)), final_state(reference))
+
+
+def test_run_refuses_an_existing_output_and_resumes_a_finished_run_as_a_no_op(reference, config_file, capsys):
+    before = read_summary(reference)
+    assert main(["run", str(config_file), "--output", str(reference)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["run", str(config_file), "--output", str(reference), "--resume"]) == 0
+    assert without_timing(read_summary(reference)) == without_timing(before)
+
+
+def test_eval_prints_the_final_top1(reference, capsys):
+    summary = read_summary(reference)
+    for target in (reference, list_checkpoints(reference / "checkpoints")[-1]):
+        assert main(["eval", str(target), "--device", "cpu"]) == 0
+        printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+        assert float(printed["eval_top1"]) == summary["eval_top1"]
+        assert float(printed["eval_top5"]) == summary["eval_top5"]
+        assert printed["phase"] == "routed" and printed["epoch"] == "6"
+
+
+def test_mode_both_writes_the_comparison(config_file, tmp_path, capsys):
+    out = tmp_path / "both"
+    assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
+                 "--stem-epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    base, rmn = read_summary(out / "baseline"), read_summary(out / "rmn")
+    assert (base["kind"], rmn["kind"]) == ("baseline", "rmn")
+    assert base["params"] < rmn["params"] and base["routing"] == {} and set(rmn["routing"]) >= {"load_stage0"}
+    lines = (out / "comparison.txt").read_text().splitlines()
+    assert len(lines) == 4 and set(lines[1]) == {"-"}
+    assert lines[2].startswith("baseline resnet18") and lines[3].startswith("rmn resnet18 N=3 ca")
+    assert lines[2].split()[2] == f"{100 * base['eval_top1']:.2f}"
+    assert lines[3].split()[4] == f"{100 * rmn['eval_top1']:.2f}"
+    assert "s0:[" in lines[3] and "s3:" not in lines[3]  # the load of each routed stage (stage 3 unrouted)
+    assert "\n".join(lines) in printed
+    assert [s["kind"] for s in json.loads((out / "comparison.json").read_text())] == ["baseline", "rmn"]
+    # the baseline is the stem network on the same schedule: its first epoch is the RMN's stem epoch
+    strip = ("phase", "seq", "images_per_s", "epoch_seconds")
+    first = [{k: v for k, v in json.loads((out / kind / "metrics.jsonl").read_text().splitlines()[0]).items()
+              if k not in strip} for kind in ("baseline", "rmn")]
+    assert first[0] == first[1]
+
+
+# -- kill -9 ---------------------------------------------------------------------------------------
+def test_kill_9_then_resume_gives_the_uninterrupted_summary(reference, config_file, tmp_path):
+    """The real CLI in a subprocess is SIGKILLed during routed training (epoch 4 of 6, right after the
+    epoch-3 checkpoint landed), then ``rmn run --resume`` finishes it: summary.json equals the
+    uninterrupted run's (timings aside), and so do all final weights and memories."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rmn", "run", str(config_file), "--output", str(out), "--run.progress", "lines"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stdout:  # blocks until the run prints; ends if the process dies
+            seen.append(line)
+            if line.startswith("[routed] epoch 3 "):
+                break
+        else:
+            pytest.fail("the run ended before routed epoch 3:\n" + "".join(seen))
+        # the epoch line comes right before the checkpoint write; wait for the file to be published
+        deadline = time.monotonic() + 60
+        while not list((out / "checkpoints").glob("ckpt-*-routed-e3.safetensors")):
+            assert proc.poll() is None, "".join(seen)
+            assert time.monotonic() < deadline, "no routed epoch-3 checkpoint within 60 s"
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert not (out / "summary.json").exists()
+    newest = list_checkpoints(out / "checkpoints")[-1].name
+    assert newest.startswith("ckpt-0000") and "-routed-e" in newest and not newest.endswith("-e6.safetensors"), newest
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[routed] epoch 6 " in done.stdout and "[stem]" not in done.stdout  # continued, not restarted
+    assert without_timing(read_summary(out)) == without_timing(read_summary(reference))
+    assert_same_state(final_state(out), final_state(reference))
+    rows = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+
+
+def test_analysis_commands_are_reachable(capsys):
+    assert main(["summary", "--model", "resnet18", "--num-classes", "10", "--image-size", "32", "--width-mult", "0.125",
+                 "--procedures", "2"]) == 0
+    assert "RMN with CA (N=2)" in capsys.readouterr().out
+    assert main(["summary", "--model", "resnet18", "--num-classes", "10", "--optim.lr", "1"]) == 2
+    assert "unrecognised argument '--optim.lr'" in capsys.readouterr().err
