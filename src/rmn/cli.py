@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset root, if it moved since training")
     p.set_defaults(func=_eval_command)
     from .analysis.cli import register
+    from .recipe.evaluate import model_for_atlas, model_spec
 
-    register(sub)
+    register(sub, load_spec=model_spec, load_model=model_for_atlas)
     return parser
 
 

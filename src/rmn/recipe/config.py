@@ -92,6 +92,7 @@ class RunConfig:
     progress: str = "auto"  # "auto" (bar on a terminal, lines otherwise), "bar", "lines", "none"
     tensorboard: bool = True
     sync_bn: bool = False
+    atlas: bool = True  # after an RMN run, draw each memory's nearest evaluation images (<output>/atlas)
 
 
 @dataclass

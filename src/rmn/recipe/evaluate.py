@@ -42,3 +42,30 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str |
     result = {"checkpoint": str(ckpt.path), "phase": ckpt.meta["phase"], "epoch": ckpt.meta["epoch"]}
     result.update(evaluate(run))
     return result
+
+
+def model_spec(path: str | Path) -> dict:
+    """What ``rmn summary`` needs to rebuild the cost table: from a YAML config, a checkpoint or a run folder."""
+    from .config import load_config
+
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml"):
+        from ..data import dataset_spec
+
+        cfg = load_config(p)
+        spec = dataset_spec(cfg.data.dataset)
+        if spec.num_classes is None:
+            raise ValueError(f"{p}: the class count of a 'folder' dataset is only known from the data; pass --num-classes")
+        size, classes, channels = cfg.data.image_size or spec.image_size, spec.num_classes, spec.in_channels
+    else:
+        _, cfg, ckpt = load_model(p, "cpu")
+        shape = ckpt.meta["data_shape"]
+        size, classes, channels = shape["image_size"], shape["num_classes"], shape["in_channels"]
+    return {"name": cfg.model.backbone, "num_classes": classes, "image_size": size, "in_channels": channels,
+            "width_mult": cfg.model.width_mult, "num_procedures": cfg.model.num_procedures}
+
+
+def model_for_atlas(path: str | Path):
+    """(model, info) for ``rmn atlas``: the checkpoint's model and where its data lives."""
+    model, cfg, _ = load_model(path, "auto")
+    return model, {"dataset": cfg.data.dataset, "data_root": cfg.data.root}

@@ -29,8 +29,21 @@ def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict
         init_memory(run)
         train_routed(run)
     summary = write_summary(run, time.perf_counter() - t0)
+    if run.model.routed and run.cfg.run.atlas and distributed.rank() == 0:
+        write_atlas(run)
     run.log.close()
     return summary
+
+
+def write_atlas(run: Run) -> dict:
+    """Each memory's nearest evaluation images, heat maps and load charts, in ``<output>/atlas``."""
+    from ..analysis.cli import atlas_command
+
+    paths = atlas_command(run.model, run.data.eval, run.out / "atlas", top_k=8, max_images=1024,
+                          image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
+                          title=run.cfg.run.name)
+    run.say(f"[atlas] {run.out / 'atlas' / 'atlas.html'}")
+    return paths
 
 
 def write_summary(run: Run, seconds: float) -> dict:
