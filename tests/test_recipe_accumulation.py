@@ -117,7 +117,6 @@ def test_accumulated_step_matches_the_update_over_all_collected_features(tmp_pat
     assert checked == 3
 
 
-@register_backbone("test-plain-cnn")
 def plain_cnn(num_classes, image_size, in_channels, width_mult=1.0):
     """Three convolutional stages and no normalisation layer: per-sample forward passes."""
     c = [8, 16, 16, 32]
@@ -128,7 +127,17 @@ def plain_cnn(num_classes, image_size, in_channels, width_mult=1.0):
     return Backbone(stem, stages, head, c[:-1], c[1:], in_channels, min_image_size=4)
 
 
-def test_micro_batches_equal_one_batch_without_batchnorm(tmp_path):
+@pytest.fixture
+def plain_cnn_registered():
+    """Register the test backbone for one test only, so the registry tests never see it."""
+    from rmn.backbones import registry
+
+    register_backbone("test-plain-cnn")(plain_cnn)
+    yield
+    registry._REGISTRY.pop("test-plain-cnn", None)
+
+
+def test_micro_batches_equal_one_batch_without_batchnorm(tmp_path, plain_cnn_registered):
     def cfg(micro, out):
         return load_config(None, {
             "model.backbone": "test-plain-cnn", "model.num_procedures": 4, "model.attention": "ca",

@@ -1,0 +1,168 @@
+"""Write the paper's configs: one YAML per cell of the tables in METHOD.md section 6.
+
+    .venv/bin/python configs/paper/generate.py           # (re)write every configs/paper/**/*.yaml
+    .venv/bin/python configs/paper/generate.py --check   # exit 1 if a file differs from this script's output
+
+The YAML files are committed next to this script; tests/test_paper_configs.py checks that they equal
+its output, so edit this file and re-run it rather than editing a YAML by hand.
+
+Every value comes from METHOD.md section 5 (the paper's hyper-parameters):
+  peak LR 0.48, linear warm-up from 1e-5 over 5 epochs, cosine decay to 1e-5 at the last epoch;
+  SGD momentum 0.9, weight decay 1e-5 (RMSprop for EfficientNet-B0); stem training the first 40 epochs;
+  N = 8; memory momentum alpha 0.9; CA reduction 16; synchronised BatchNorm;
+  batch 256 for baselines, 256*N/2 (= 1024 for N = 8) for RMN;
+  epochs (CIFAR-100 and Tiny ImageNet / ImageNet): VGG-16 120/160, ResNet-18 120/160,
+  ResNet-50 200/220, EfficientNet-B0 300/400.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+# folder name -> (data.dataset, data.image_size, data.workers, long name)
+DATASETS = {
+    "cifar100": ("cifar100", 32, 0, "CIFAR-100"),  # in memory: workers are not used
+    "tiny_imagenet": ("tiny-imagenet", 64, 8, "Tiny ImageNet"),
+    "imagenet": ("imagenet", 224, 8, "ImageNet"),
+}
+MODELS = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet_b0": "EfficientNet-B0"}
+EPOCHS = {
+    "small": {"vgg16": 120, "resnet18": 120, "resnet50": 200, "efficientnet_b0": 300},  # CIFAR-100, Tiny ImageNet
+    "imagenet": {"vgg16": 160, "resnet18": 160, "resnet50": 220, "efficientnet_b0": 400},
+}
+N_PAPER = 8
+STEM_EPOCHS = 40
+ALPHA = 0.9
+
+
+def rmn_batch(n: int) -> int:
+    """The paper's batch for N procedures: 256 * N / 2 (1024 for N = 8)."""
+    return 256 * n // 2
+
+
+# variant -> (run.mode, model.attention, N, data.batch_size, memory momentum, description)
+VARIANTS = {
+    "baseline": ("baseline", "none", 1, 256, ALPHA, "baseline (batch 256)"),
+    "baseline_b1024": ("baseline", "none", 1, 1024, ALPHA, "baseline at batch 1024 (supplementary Table 1)"),
+    "rmn": ("rmn", "none", N_PAPER, rmn_batch(N_PAPER), ALPHA, "RMN without CA, N=8, batch 1024"),
+    "rmn_ca": ("rmn", "ca", N_PAPER, rmn_batch(N_PAPER), ALPHA, "RMN with CA, N=8, batch 1024"),
+}
+
+
+def ablation_variants() -> dict:
+    """ResNet-18 on Tiny ImageNet. The centre point (N=8, batch 1024, alpha 0.9, CA) is
+    tiny_imagenet/resnet18_rmn_ca.yaml and is not repeated here."""
+    v = {
+        "se": ("baseline", "se", 1, 256, ALPHA, "baseline + SE (CA without the route input), batch 256"),
+        "rmn_se": ("rmn", "se", N_PAPER, rmn_batch(N_PAPER), ALPHA, "RMN + SE (CA without the route input), N=8, batch 1024"),
+    }
+    for n in (1, 2, 4, 16):  # batch scaled with N as the paper does: 256 * N / 2
+        v[f"rmn_ca_n{n}"] = ("rmn", "ca", n, rmn_batch(n), ALPHA,
+                             f"RMN with CA, N={n}, batch 256*N/2 = {rmn_batch(n)}")
+    for b in (128, 256, 2048):
+        v[f"rmn_ca_b{b}"] = ("rmn", "ca", N_PAPER, b, ALPHA, f"RMN with CA, N=8, batch {b}")
+    for a in (0.5, 0.7, 0.99):
+        v[f"rmn_ca_alpha{a}"] = ("rmn", "ca", N_PAPER, rmn_batch(N_PAPER), a,
+                                 f"RMN with CA, N=8, batch 1024, memory momentum alpha {a}")
+    return v
+
+
+def config(folder: str, model: str, variant: tuple, name: str) -> dict:
+    mode, attention, n, batch, alpha, _ = variant
+    dataset, size, workers, _ = DATASETS[folder]
+    epochs = EPOCHS["imagenet" if folder == "imagenet" else "small"][model]
+    return {
+        "model": {
+            "backbone": model,
+            "width_mult": 1.0,
+            "num_procedures": n,
+            "attention": attention,
+            "routed_stages": None,  # every stage
+            "memory_momentum": alpha,
+            "attention_reduction": 16,
+        },
+        "data": {
+            "dataset": dataset,
+            "root": None,  # give --data-dir (or $RMN_DATA)
+            "image_size": size,
+            "batch_size": batch,
+            "micro_batch_size": None,
+            "workers": workers,
+            "augment": True,
+        },
+        "optim": {
+            "optimizer": "rmsprop" if model.startswith("efficientnet") else "sgd",
+            "lr": 0.48,
+            "start_lr": 1e-5,
+            "end_lr": 1e-5,
+            "warmup_epochs": 5.0,
+            "momentum": 0.9,
+            "weight_decay": 1e-5,
+        },
+        "schedule": {"epochs": epochs, "stem_epochs": STEM_EPOCHS},
+        "run": {"name": name, "mode": mode, "seed": 0, "sync_bn": True},
+    }
+
+
+def render_one(rel: str, cfg: dict, what: str) -> str:
+    torchrun = "torchrun --nproc_per_node=8 -m rmn run"
+    head = [
+        f"# {what}",
+        "# Generated by configs/paper/generate.py; do not edit (change the generator, re-run it).",
+        f"#   rmn run configs/paper/{rel} --data-dir /path/to/data          # one GPU",
+        f"#   {torchrun} configs/paper/{rel} --data-dir /path/to/data",
+        "# Paper's number and cost estimate: REPRODUCTION.md.",
+    ]
+    return "\n".join(head) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
+
+
+def render() -> dict[str, str]:
+    """Relative path (under configs/paper) -> file text, for every config."""
+    out = {}
+    for folder, (_, _, _, long_name) in DATASETS.items():
+        for model, pretty in MODELS.items():
+            for key, variant in VARIANTS.items():
+                rel = f"{folder}/{model}_{key}.yaml"
+                cfg = config(folder, model, variant, f"paper-{folder}-{model}-{key}")
+                out[rel] = render_one(rel, cfg, f"{long_name}, {pretty}: {variant[-1]}.")
+    for key, variant in ablation_variants().items():
+        rel = f"tiny_imagenet/ablations/resnet18_{key}.yaml"
+        cfg = config("tiny_imagenet", "resnet18", variant, f"paper-tiny_imagenet-ablation-resnet18-{key}")
+        out[rel] = render_one(rel, cfg, f"Ablation, Tiny ImageNet, ResNet-18: {variant[-1]}.")
+    return out
+
+
+def existing() -> set[str]:
+    return {p.relative_to(HERE).as_posix() for p in HERE.rglob("*.yaml")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 on any difference")
+    args = p.parse_args(argv)
+    files = render()
+    stale = sorted(existing() - set(files))
+    changed = sorted(rel for rel, text in files.items()
+                     if not (HERE / rel).is_file() or (HERE / rel).read_text() != text)
+    if args.check:
+        for rel in changed:
+            print(f"differs from generate.py: configs/paper/{rel}")
+        for rel in stale:
+            print(f"not written by generate.py: configs/paper/{rel}")
+        return 1 if changed or stale else 0
+    for rel in changed:
+        (HERE / rel).parent.mkdir(parents=True, exist_ok=True)
+        (HERE / rel).write_text(files[rel])
+    for rel in stale:
+        (HERE / rel).unlink()
+    print(f"{len(files)} configs under {HERE} ({len(changed)} written, {len(stale)} stale removed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
