@@ -1,0 +1,180 @@
+"""Parameters and multiply-adds per image, in the layout of the paper's tables.
+
+MACs are counted by *executing* the model in eval mode under
+:class:`torch.utils.flop_counter.FlopCounterMode` (flops / 2, divided by the batch), so a routed
+network is charged for the procedure each sample really runs, not for all N of them.
+The counter sees convolutions, linear layers and matrix products (the same convention as the
+usual "FLOPs" tables: BatchNorm, activations, pooling and the memory look-up's tiny GEMM aside).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..backbones import create_backbone
+from ..network import RoutedNetwork
+
+PRETTY = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vgg16": "VGG-16", "efficientnet_b0": "EfficientNet-B0"}
+
+
+def pretty_name(name: str) -> str:
+    return PRETTY.get(name.lower(), name)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct trainable-or-not parameters (shared modules counted once); buffers excluded."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def macs_per_image(
+    model: nn.Module,
+    input_shape: Sequence[int] = (3, 224, 224),
+    batch: int = 2,
+    inputs: torch.Tensor | None = None,
+) -> float:
+    """Multiply-adds per image on the executed path (eval mode), counted with FlopCounterMode.
+
+    ``inputs`` (a batch) overrides ``input_shape``/``batch``; otherwise a random normal batch is used.
+    The model's training mode is restored afterwards.
+    """
+    if inputs is None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    inputs = inputs.to(_device_of(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(inputs)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2 / inputs.shape[0]
+
+
+# -- the paper's table -------------------------------------------------------------------------
+VARIANTS = {
+    # key: (label suffix, routed?, attention)
+    "backbone": ("", False, False),
+    "se": (" + SE", False, "se"),
+    "rmn": ("RMN without CA", True, False),
+    "rmn_se": ("RMN + SE", True, "se"),
+    "rmn_ca": ("RMN with CA", True, True),
+}
+
+
+def _row(label: str, name: str, variant: str, n: int, model: nn.Module, input_shape, batch: int) -> dict[str, Any]:
+    params = count_params(model)
+    macs = macs_per_image(model, input_shape, batch=batch)
+    return {
+        "model": label,
+        "backbone": name,
+        "variant": variant,
+        "num_procedures": n,
+        "params": params,
+        "params_M": round(params / 1e6, 2),
+        "macs": macs,
+        "macs_G": round(macs / 1e9, 3),
+    }
+
+
+def cost_table(
+    name: str,
+    num_classes: int,
+    image_size: int = 224,
+    in_channels: int = 3,
+    width_mult: float = 1.0,
+    num_procedures: int = 8,
+    include_se: bool = False,
+    batch: int = 2,
+) -> list[dict[str, Any]]:
+    """Rows ``backbone / [backbone + SE] / RMN without CA / [RMN + SE] / RMN with CA``.
+
+    Each row: ``model`` (label), ``backbone``, ``variant``, ``num_procedures``, ``params``,
+    ``params_M``, ``macs`` (per image), ``macs_G``. Models have random weights and all-zero
+    memories (every sample takes procedure 0: the cost of any single path is the same).
+    """
+    torch.manual_seed(0)
+    bb = create_backbone(name, num_classes, image_size=image_size, in_channels=in_channels, width_mult=width_mult).eval()
+    shape = (in_channels, image_size, image_size)
+    pretty = pretty_name(name)
+    keys = ["backbone", "se", "rmn", "rmn_se", "rmn_ca"] if include_se else ["backbone", "rmn", "rmn_ca"]
+    rows = []
+    for key in keys:
+        suffix, routed, attention = VARIANTS[key]
+        if key == "backbone":
+            model, label, n = bb, pretty, 1
+        elif not routed:
+            model = RoutedNetwork.from_backbone(bb, num_procedures=1, attention=attention, routed_stages=())
+            label, n = pretty + suffix, 1
+        else:
+            model = RoutedNetwork.from_backbone(bb, num_procedures=num_procedures, attention=attention)
+            label, n = f"{pretty} {suffix} (N={num_procedures})", num_procedures
+        rows.append(_row(label, name, key, n, model.eval(), shape, batch))
+        del model
+    return rows
+
+
+# -- output ------------------------------------------------------------------------------------
+TABLE_COLUMNS = [("model", "Model"), ("params_M", "Params (M)"), ("macs_G", "MACs (G)")]
+
+
+def format_table(rows: list[dict[str, Any]], columns=TABLE_COLUMNS) -> str:
+    """Aligned plain-text table (first column left-aligned, numbers right-aligned)."""
+    header = [title for _, title in columns]
+
+    def cell(row, key):
+        v = row.get(key, "")
+        if key == "params_M" and isinstance(v, (int, float)):
+            return f"{v:.2f}"
+        if key == "macs_G" and isinstance(v, (int, float)):
+            return f"{v:.3f}"
+        return str(v)
+
+    body = [[cell(r, k) for k, _ in columns] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body]
+    return "\n".join(out)
+
+
+CSV_FIELDS = ["model", "backbone", "variant", "num_procedures", "params", "params_M", "macs", "macs_G"]
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rows_to_csv(rows))
+    return path
+
+
+def write_json(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"rows": rows} if meta is None else {"meta": meta, "rows": rows}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

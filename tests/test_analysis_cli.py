@@ -1,0 +1,85 @@
+import argparse
+import json
+import statistics
+
+import torch
+
+from rmn.analysis import cli
+from rmn.analysis.calibrate import _counts_from_shares, memories_for_shares
+from rmn.analysis.latency import format_latency, interleaved_times, run_latency
+
+
+def _parser(**kw):
+    p = argparse.ArgumentParser(prog="rmn")
+    cli.register(p.add_subparsers(dest="command", required=True), **kw)
+    return p
+
+
+def test_summary_command_in_process(tmp_path, capsys):
+    args = _parser().parse_args(["summary", "--model", "resnet18", "--num-classes", "10", "--image-size", "32",
+                                 "--width-mult", "0.25", "--procedures", "4",
+                                 "--csv", str(tmp_path / "t.csv"), "--json", str(tmp_path / "t.json")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "ResNet-18 RMN with CA (N=4)" in out and "MACs (G)" in out
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["backbone", "rmn", "rmn_ca"]
+    assert (tmp_path / "t.csv").read_text().count("\n") == 4
+
+
+def test_summary_from_spec_and_loader_hook(capsys):
+    spec = {"name": "resnet18", "num_classes": 10, "image_size": 32, "width_mult": 0.25, "num_procedures": 2}
+    rows = cli.summary_from_spec(spec)
+    assert rows[1]["num_procedures"] == 2
+    args = _parser(load_spec=lambda path: dict(spec, source=path)).parse_args(["summary", "cfg.yaml", "--procedures", "3"])
+    assert args.func(args) == 0
+    assert "(N=3)" in capsys.readouterr().out  # flags override the file
+
+
+def test_bench_and_atlas_subcommands_parse():
+    p = _parser()
+    a = p.parse_args(["bench", "latency", "--quick", "--models", "resnet18"])
+    assert a.quick and a.models == ["resnet18"] and callable(a.func)
+    a = p.parse_args(["bench", "dispatch", "--quick"])
+    assert a.quick and callable(a.func)
+    a = p.parse_args(["atlas", "ck.safetensors", "--dataset", "digits", "--top-k", "3"])
+    assert a.checkpoint == "ck.safetensors" and a.top_k == 3
+
+
+def test_interleaved_times_round_robin():
+    calls = []
+    fns = {k: (lambda i, k=k: calls.append((k, i))) for k in "abc"}
+    times = interleaved_times(fns, repeats=3, warmup=1, inner=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert len(calls) == 4 * 3 * 2
+    firsts = [calls[r * 6][0] for r in range(4)]
+    assert firsts == ["a", "b", "c", "a"]  # the starting variant rotates
+    assert [i for k, i in calls if k == "b"] == list(range(8))
+
+
+def test_memories_for_shares_gives_requested_split(toy):
+    from rmn import RoutedNetwork
+
+    torch.manual_seed(0)
+    net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=False)
+    x = torch.randn(64, 3, 16, 16)
+    for shares in ([0.25] * 4, [0.7, 0.1, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0]):
+        want = _counts_from_shares(shares, 64)
+        for train in (False, True):
+            got = memories_for_shares(net, x, shares, train=train)
+            for stage_counts in got:
+                assert sum(stage_counts) == 64
+                assert max(abs(a - b) for a, b in zip(stage_counts, want)) <= 2, (shares, train, got)
+    assert all(int(b.load.sum()) == 0 for b in net.memory_banks())  # calibration left no trace
+
+
+def test_latency_smoke_small():
+    report = run_latency(models=["resnet18"], image_size=32, batch_sizes=(1, 4), repeats=2, large_repeats=1,
+                         warmup=0, inner=1, width_mult=0.125, pool=16, log=lambda s: None)
+    res = report["results"][0]
+    assert set(res["variants"]) == {"backbone", "rmn", "rmn_ca"}
+    assert res["variants"]["backbone"]["batch1"]["ratio"] == 1.0
+    assert all(e["batch4"]["images_per_s"] > 0 for e in res["variants"].values())
+    assert len(res["routes"]["rmn"]) == 4
+    assert "random weights" in format_latency(report)
+    assert statistics.fmean(sum(s) for s in res["routes"]["rmn_ca"]) == 16
