@@ -167,6 +167,19 @@ def test_chunking_does_not_change_the_result():
     torch.testing.assert_close(a.centers, b.centers, rtol=0, atol=1e-5)
 
 
+def test_cpu_worker_threads_give_identical_results():
+    """With several intra-op threads, blocks run on single-threaded workers; the result must not change
+    (blocks are reduced in order) and torch's thread setting must be restored."""
+    x = _digits_conv_features()
+    torch.set_num_threads(1)
+    a, (la, sa) = kmeans(x, 8, seed=3, chunk_size=150), assign(x, x[:8], chunk_size=150)
+    torch.set_num_threads(2)
+    b, (lb, sb) = kmeans(x, 8, seed=3, chunk_size=150), assign(x, x[:8], chunk_size=150)
+    assert torch.get_num_threads() == 2
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.counts, b.counts) and a.inertia == b.inertia
+    assert torch.equal(la, lb) and torch.equal(sa, sb)
+
+
 def test_numpy_integer_arguments():
     x = _blobs(100, 4, 3, seed=0)
     r = kmeans(x, np.int64(3), seed=np.int32(2), max_iter=np.int64(50))
@@ -367,9 +380,9 @@ def _dist_cases() -> dict:
         "gather_all_real": {"shards": [conv[:1000], conv[1000:]], "k": 8, "kwargs": {"seed": 1, "chunk_size": 300}},
         # a rank with no rows at all
         "empty_rank": {"shards": [blobs[:0], blobs[:500]], "k": 5, "kwargs": {"seed": 0}},
-        # duplicate init -> empty clusters -> global farthest-point re-seeding across ranks
+        # clusters 1..4 start far away -> empty -> global farthest-point re-seeding across ranks
         "relocate": {"shards": [blobs[:600], blobs[600:]], "k": 5, "kwargs": {"tol": 0.0},
-                     "init": blobs[650:651].repeat(5, 1)},
+                     "init": torch.cat([blobs[650:651], blobs[650:651] + 1e3 * torch.eye(10)[:4]])},
         # more points than seed_sample: stratified weighted seeding sample
         "sampled": {"shards": [blobs[:900], blobs[900:]], "k": 5, "kwargs": {"seed": 2, "seed_sample": 200}},
         # NaN on one rank only: every rank must raise (not hang)

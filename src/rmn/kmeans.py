@@ -4,7 +4,9 @@ Used to initialise each routed stage's ``N`` memories from the globally average-
 of the whole training set, but it is a general-purpose routine:
 
 * Pure torch, runs on ``x``'s device. Any floating input dtype is accepted; all distance math is in
-  float32, per-cluster sums / inertia / the data mean are accumulated in float64.
+  float32, per-cluster sums / inertia / the data mean are accumulated in float64. On CPU with several
+  torch threads, row blocks are processed by as many single-threaded workers (robust on busy
+  machines); blocks are always reduced in order, so results do not depend on the thread count.
 * Memory is bounded by ``chunk_size``: squared distances are ``||x - c||^2 = ||x'||^2 - 2 x'.c' +
   ||c'||^2`` evaluated over blocks of at most ``chunk_size`` rows, with ``x' = x - mean(x)`` and
   ``c' = c - mean(x)``. The mean shift is folded into a per-center bias, so ``x`` is never copied as a
@@ -50,6 +52,8 @@ from __future__ import annotations
 
 import math
 import operator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +64,9 @@ __all__ = ["KMeansResult", "assign", "kmeans"]
 
 _F32 = torch.float32
 _F64 = torch.float64
-# On CPU a block is further capped at 2^23 float32 elements (32 MiB): mostly cache-resident between the
-# distance and the sum pass, yet few enough blocks (hence few parallel regions) that a busy machine,
-# where every OpenMP region waits for a descheduled thread, does not slow the iterations to a crawl.
-_CPU_BLOCK_ELEMS = 1 << 23
+# On CPU a block is further capped at 2^21 float32 elements (8 MiB): cache-resident between the distance
+# and the sum pass, and small enough to give every worker thread several blocks.
+_CPU_BLOCK_ELEMS = 1 << 21
 # Relative size of float32 round-off in ||x'||^2 - 2 x.c' + ||c'||^2 below which a point is treated as
 # sitting on its center (not a candidate for re-seeding an empty cluster).
 _COINCIDENT = 1e-5
@@ -143,14 +146,44 @@ def _make_comm(device: torch.device, distributed: bool | None) -> _Comm:
     return _Comm(device, active)
 
 
+@contextmanager
+def _cpu_workers(device: torch.device):
+    """On CPU with ``T = torch.get_num_threads() > 1``: a pool of ``T`` single-threaded block workers.
+
+    The per-block products are skinny (``k`` or ``d`` columns against thousands of rows) and memory
+    bound; run as multi-threaded BLAS calls, every call is an OpenMP region that waits for all ``T``
+    threads, which on a shared or oversubscribed machine makes an iteration several times slower than
+    a single thread. Workers with one intra-op thread each pulling blocks avoid that. Torch's global
+    thread setting is restored on exit (the workers' own setting dies with them).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        yield None
+        return
+    pool = ThreadPoolExecutor(threads, "rmn-kmeans", initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------------
 # the data: chunked access plus O(n) per-point state
 # --------------------------------------------------------------------------------------------------
 class _Data:
     """One rank's rows of ``x`` together with the (global) mean shift and per-row ``||x - mu||^2``."""
 
-    def __init__(self, x: Tensor, chunk_size: int, comm: _Comm, mu: Tensor | None = None, who: str = "kmeans") -> None:
-        self.x, self.comm, self.chunk_size = x, comm, chunk_size
+    def __init__(
+        self,
+        x: Tensor,
+        chunk_size: int,
+        comm: _Comm,
+        pool: ThreadPoolExecutor | None,
+        mu: Tensor | None = None,
+        who: str = "kmeans",
+    ) -> None:
+        self.x, self.comm, self.chunk_size, self.pool = x, comm, chunk_size, pool
         self.n, self.d = x.shape
         self.device = x.device
         self.chunk = chunk_size
@@ -158,8 +191,8 @@ class _Data:
             self.chunk = min(chunk_size, max(64, _CPU_BLOCK_ELEMS // max(self.d, 1)))
         if mu is None:  # pass 1: global mean (float32 chunk sums, float64 across chunks and ranks)
             acc = torch.zeros(self.d + 1, dtype=_F64, device=self.device)
-            for _, _, xb in self.chunks():
-                acc[: self.d] += xb.sum(0).to(_F64)
+            for part in self.map_blocks(lambda s, e, xb: xb.sum(0)):
+                acc[: self.d] += part.to(_F64)
             acc[self.d] = self.n
             acc = comm.all_reduce(acc)
             self.n_total = int(acc[self.d].item())
@@ -172,11 +205,14 @@ class _Data:
         self.mu64 = self.mu.to(_F64)
         # pass 2: ||x - mu||^2 per row (also gives the mean per-feature variance for tol)
         self.xsq = torch.empty(self.n, dtype=_F32, device=self.device)
+
+        def row_norms(s: int, e: int, xb: Tensor) -> Tensor:
+            torch.sum((xb - self.mu).pow_(2), 1, out=self.xsq[s:e])
+            return self.xsq[s:e].sum(dtype=_F64)
+
         tot = torch.zeros(1, dtype=_F64, device=self.device)
-        for s, e, xb in self.chunks():
-            r = (xb - self.mu).pow_(2).sum(1)
-            self.xsq[s:e] = r
-            tot += r.sum(dtype=_F64)
+        for part in self.map_blocks(row_norms):
+            tot += part
         self.var_total = float(comm.all_reduce(tot).item())
         if not math.isfinite(self.var_total):
             raise ValueError(f"{who}: x contains values too large for float32 squared distances")
@@ -187,11 +223,24 @@ class _Data:
     def mean_var(self) -> float:
         return self.var_total / max(self.n_total * self.d, 1)
 
-    def chunks(self):
-        for s in range(0, self.n, self.chunk):
-            e = min(s + self.chunk, self.n)
+    def map_blocks(self, fn) -> list:
+        """``[fn(s, e, x[s:e] as float32) for each block]`` in block order.
+
+        With a worker pool (CPU, several intra-op threads) the blocks are pulled dynamically by
+        single-threaded workers, like scikit-learn's OpenMP loop: a busy core then only delays its own
+        blocks instead of every parallel region. ``fn`` may only write to its own rows of shared state;
+        callers reduce the returned values in block order, so results do not depend on the threading.
+        """
+
+        def run(span: tuple[int, int]):
+            s, e = span
             xb = self.x[s:e]
-            yield s, e, (xb if xb.dtype == _F32 else xb.to(_F32))
+            return fn(s, e, xb if xb.dtype == _F32 else xb.to(_F32))
+
+        spans = [(s, min(s + self.chunk, self.n)) for s in range(0, self.n, self.chunk)]
+        if self.pool is None or len(spans) < 2:
+            return [run(sp) for sp in spans]
+        return list(self.pool.map(run, spans))
 
     def rows(self, idx: Tensor) -> Tensor:
         return self.x[idx.to(self.device)].to(_F32)
@@ -206,9 +255,12 @@ class _Data:
         """``[n, t]`` float32 squared distances to a few centers (used by the seeding)."""
         cc, bias = self._bias(centers)
         out = torch.empty(self.n, centers.shape[0], dtype=_F32, device=self.device)
-        for s, e, xb in self.chunks():
+
+        def block(s: int, e: int, xb: Tensor) -> None:
             g = torch.addmm(bias, xb, cc.T, alpha=-2.0)
             out[s:e] = g.add_(self.xsq[s:e, None]).clamp_min_(0.0)
+
+        self.map_blocks(block)
         return out
 
     def estep(self, centers: Tensor, with_sums: bool = True) -> dict:
@@ -216,17 +268,22 @@ class _Data:
         k = centers.shape[0]
         cc, bias = self._bias(centers)
         prev = self.labels.clone()
-        sums = torch.zeros(k, self.d, dtype=_F64, device=self.device)
-        acc = torch.empty(k, self.d, dtype=_F32, device=self.device)
         arange_k = torch.arange(k, device=self.device)
-        for s, e, xb in self.chunks():
+
+        def block(s: int, e: int, xb: Tensor) -> Tensor | None:
             g = torch.addmm(bias, xb, cc.T, alpha=-2.0)
             dd, lab = self.sqdist[s:e], self.labels[s:e]
             torch.min(g, 1, out=(dd, lab))  # bitwise ties -> lowest center index
             dd.add_(self.xsq[s:e]).clamp_(min=0.0)
-            if with_sums:  # per-cluster sums as a one-hot matmul: no atomics, deterministic everywhere
-                torch.mm((lab[:, None] == arange_k).to(_F32).T, xb, out=acc)
-                sums += acc
+            if not with_sums:
+                return None
+            # per-cluster sums as a one-hot matmul: no atomics, deterministic everywhere
+            return (lab[:, None] == arange_k).to(_F32).T @ xb
+
+        sums = torch.zeros(k, self.d, dtype=_F64, device=self.device)
+        for part in self.map_blocks(block):
+            if part is not None:
+                sums += part
         counts = torch.bincount(self.labels, minlength=k)
         inertia = self.sqdist.sum(dtype=_F64).reshape(1)
         changed = (self.labels != prev).sum().reshape(1)
@@ -366,7 +423,7 @@ def _seeding_set(data: _Data, comm: _Comm, ns: list[int], seed_sample: int, seed
         weights = torch.cat([torch.full((ms[r],), ns[r] / ms[r], dtype=_F64) for r in range(comm.world)])
         weights = weights.to(data.device)
     local_comm = _Comm(data.device, False)
-    return _Data(rows, data.chunk_size, local_comm, mu=data.mu), weights
+    return _Data(rows, data.chunk_size, local_comm, data.pool, mu=data.mu), weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +459,8 @@ def kmeans(
     squared center shift is ``<= tol * mean(var(x, 0))``. ``seed``: seeds the CPU generator of every
     random decision. ``n_init``: independent seedings; the run with the lowest inertia is returned.
     ``chunk_size``: most rows per block (bounds the temporaries to ``O(chunk_size * (d + k))`` on top of
-    ``O(n)`` per-point state; on CPU blocks are further capped at 32 MiB of float32 for cache reuse).
+    ``O(n)`` per-point state; on CPU blocks are further capped at 8 MiB of float32 for cache reuse and
+    spread over ``torch.get_num_threads()`` single-threaded workers, see ``_cpu_workers``).
     ``distributed``: ``None`` = automatic (use the process group when one with >1 rank exists), ``True``
     = require one, ``False`` = treat ``x`` as the whole data set. ``init``: optional ``[k, d]`` initial
     centers (skips seeding; requires ``n_init == 1``; in distributed mode rank 0's is used, but every
@@ -463,21 +521,22 @@ def kmeans(
     if len(states) != 1:
         raise ValueError("kmeans: init must be given on every rank or on none")
 
-    data = _Data(x, chunk_size, comm)
-    tol_abs = tol * data.mean_var
-    gen = torch.Generator().manual_seed(seed)
-    seed_data, weights = (None, None) if init is not None else _seeding_set(data, comm, ns, seed_sample, seed)
+    with _cpu_workers(x.device) as pool:
+        data = _Data(x, chunk_size, comm, pool)
+        tol_abs = tol * data.mean_var
+        gen = torch.Generator().manual_seed(seed)
+        seed_data, weights = (None, None) if init is not None else _seeding_set(data, comm, ns, seed_sample, seed)
 
-    best = None
-    for _ in range(n_init):
-        if init is not None:
-            c0 = init.detach().to(device=x.device, dtype=_F32).clone()
-        else:
-            c0 = _kmeanspp(seed_data, k, gen, weights)
-        c0 = comm.broadcast(c0, src=0)
-        run = _lloyd(data, c0, max_iter, tol_abs)
-        if best is None or run[2] < best[2]:
-            best = run
+        best = None
+        for _ in range(n_init):
+            if init is not None:
+                c0 = init.detach().to(device=x.device, dtype=_F32).clone()
+            else:
+                c0 = _kmeanspp(seed_data, k, gen, weights)
+            c0 = comm.broadcast(c0, src=0)
+            run = _lloyd(data, c0, max_iter, tol_abs)
+            if best is None or run[2] < best[2]:
+                best = run
     centers, counts, inertia, n_iter, converged = best
     if comm.active:  # make the result bit-identical on every rank
         scalars = torch.tensor([inertia, n_iter, float(converged)], dtype=_F64, device=x.device)
@@ -510,6 +569,7 @@ def assign(x: Tensor, centers: Tensor, chunk_size: int = 65536) -> tuple[Tensor,
         raise ValueError(f"assign: centers must be [k >= 1, d={x.shape[1]}], got {shape}")
     if not bool(torch.isfinite(centers).all()):
         raise ValueError("assign: centers contain NaN or infinite values")
-    data = _Data(x, chunk_size, _Comm(x.device, False), who="assign")
-    data.estep(centers.detach().to(device=x.device, dtype=_F32), with_sums=False)
+    with _cpu_workers(x.device) as pool:
+        data = _Data(x, chunk_size, _Comm(x.device, False), pool, who="assign")
+        data.estep(centers.detach().to(device=x.device, dtype=_F32), with_sums=False)
     return data.labels, data.sqdist
