@@ -222,7 +222,8 @@ def test_pipeline_equals_the_steps_and_writes_a_summary(stepwise, tmp_path):
     cfg, _, snap = stepwise
     out = tmp_path / "whole"
     summary = run_steps(tiny_cfg(out))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["atlas", "checkpoints", "config.yaml", "metrics.csv", "metrics.jsonl", "summary.json"]
+    assert (out / "atlas" / "atlas.html").is_file() and (out / "atlas" / "stage0_grid.png").stat().st_size > 0
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary
     for key in ("name", "kind", "dataset", "backbone", "width_mult", "attention", "num_procedures", "epochs", "steps",
