@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from rmn.backbones.base import Backbone
 from rmn.backbones.registry import check_min_image_size, check_options, image_variant, make_info, register_backbone
 
-__all__ = ["BasicBlock", "Bottleneck", "build_resnet", "resnet18", "resnet34", "resnet50", "resnet101"]
+__all__ = ["BasicBlock", "Bottleneck", "build_resnet", "resnet18", "resnet50"]
 
 
 def _scale(channels: int, width_mult: float) -> int:
@@ -192,17 +192,6 @@ def resnet18(
                         zero_init_residual)
 
 
-def resnet34(
-    num_classes: int = 1000,
-    image_size: int = 224,
-    in_channels: int = 3,
-    width_mult: float = 1.0,
-    zero_init_residual: bool = False,
-) -> Backbone:
-    """ResNet-34 (not registered: the paper does not use it)."""
-    return build_resnet("resnet34", BasicBlock, [3, 4, 6, 3], num_classes, image_size, in_channels, width_mult,
-                        zero_init_residual)
-
 
 @register_backbone("resnet50")
 def resnet50(
@@ -216,14 +205,3 @@ def resnet50(
     return build_resnet("resnet50", Bottleneck, [3, 4, 6, 3], num_classes, image_size, in_channels, width_mult,
                         zero_init_residual)
 
-
-def resnet101(
-    num_classes: int = 1000,
-    image_size: int = 224,
-    in_channels: int = 3,
-    width_mult: float = 1.0,
-    zero_init_residual: bool = False,
-) -> Backbone:
-    """ResNet-101 v1.5 (not registered: the paper does not use it)."""
-    return build_resnet("resnet101", Bottleneck, [3, 4, 23, 3], num_classes, image_size, in_channels, width_mult,
-                        zero_init_residual)

@@ -118,7 +118,20 @@ def find_dataset_dir(root: str | os.PathLike | None, dirname: str, marker: str, 
                     f"and {base / marker})")
 
 
-class InMemoryDataset(Dataset):
+class LabelledDataset(Dataset):
+    """What every dataset here carries: class names in label order, its spec and its split."""
+
+    def _set_labels(self, classes: list[str], spec: DatasetSpec, split: str) -> None:
+        self.classes = list(classes)
+        self.spec = spec
+        self.split = split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class InMemoryDataset(LabelledDataset):
     """A whole dataset as one uint8 tensor, so loaders index batches without per-item Python.
 
     ``images`` is uint8 ``[N, C, H, W]``, ``targets`` int64 ``[N]``; ``ds[i]`` is the un-augmented
@@ -131,13 +144,7 @@ class InMemoryDataset(Dataset):
         assert targets.dtype == torch.int64 and targets.shape == (images.shape[0],)
         self.images = images
         self.targets = targets
-        self.classes = list(classes)
-        self.spec = spec
-        self.split = split
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+        self._set_labels(classes, spec, split)
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from .base import DataError, DatasetSpec, dataset_spec, default_root, one_line
+from .base import DataError, DatasetSpec, LabelledDataset, dataset_spec, default_root, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -38,7 +37,7 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(LabelledDataset):
     """Images on disk with integer labels; ``ds[i]`` is the decoded, un-augmented float [0,1] image.
 
     ``classes`` are the folder names (wnids for the ImageNets) in label order; ``class_names`` are
@@ -52,14 +51,8 @@ class ImageFileDataset(Dataset):
         self.root = str(root)
         self._paths = np.array([p.encode("utf-8") for p in relpaths])
         self.targets = torch.tensor(targets, dtype=torch.int64)
-        self.classes = list(classes)
+        self._set_labels(classes, spec, split)
         self.class_names = list(class_names) if class_names is not None else list(classes)
-        self.spec = spec
-        self.split = split
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self._paths)
