@@ -83,3 +83,25 @@ def test_latency_smoke_small():
     assert len(res["routes"]["rmn"]) == 4
     assert "random weights" in format_latency(report)
     assert statistics.fmean(sum(s) for s in res["routes"]["rmn_ca"]) == 16
+
+
+def test_split_backbone_reference_equals_backbone_in_eval(toy):
+    from rmn.analysis.dispatch_bench import SplitBackbone
+
+    toy.eval()
+    x = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(SplitBackbone(toy, [3, 0, 4]).eval()(x), toy(x))
+
+
+def test_dispatch_benchmark_smoke():
+    from rmn.analysis.dispatch_bench import format_dispatch, run_dispatch
+
+    report = run_dispatch(cases=("cifar",), cifar_batch=16, cifar_width=0.125, cifar_eval_repeats=1,
+                          cifar_train_repeats=1, warmup=0, log=lambda s: None)
+    for case in ("cifar_eval", "cifar_train"):
+        v = report["results"][case]["variants"]
+        assert set(v) == {"backbone", "uniform", "skewed", "split_uniform", "split_skewed"}
+        assert v["backbone"]["ratio"] == 1.0
+        assert [sum(s) for s in v["uniform"]["observed_routes"]] == [16] * 4
+    assert "dispatch cost itself" in format_dispatch(report)

@@ -52,6 +52,27 @@ def _observed(routes: list[torch.Tensor], n: int) -> list[list[int]]:
     return [torch.bincount(row[row >= 0], minlength=n).tolist() for row in r]
 
 
+class SplitBackbone(torch.nn.Module):
+    """Reference for the dispatch cost: the *plain* backbone with every stage run on the same
+    contiguous sub-batches the routed network would form (sizes ``counts``), then concatenated.
+
+    Same kernels and sub-batch sizes as RMN, but no routing, no permutation and a single set of
+    weights: RMN / SplitBackbone isolates what dispatch itself costs, separately from the effect of
+    smaller per-procedure batches. (In training mode BatchNorm sees per-chunk statistics, as in RMN.)
+    """
+
+    def __init__(self, backbone: torch.nn.Module, counts: Sequence[int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.counts = [int(c) for c in counts if c > 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.backbone.stem(x)
+        for stage in self.backbone.stages:
+            h = torch.cat([stage(c) for c in h.split(self.counts)]) if len(self.counts) > 1 else stage(h)
+        return self.backbone.head(h)
+
+
 def _models(image_size: int, n: int, attention, width_mult: float, seed: int):
     torch.manual_seed(seed)
     bb = create_backbone("resnet18", 100 if image_size <= 64 else 1000, image_size=image_size, width_mult=width_mult)
@@ -79,9 +100,10 @@ def bench_eval(nets: dict, x_pool: torch.Tensor, batch: int, n: int, repeats: in
         return fn
 
     log(f"  eval, batch {batch}: {repeats} rounds x {inner} pass(es), warm-up {warmup}")
+    cpu: dict[str, list[float]] = {}
     with torch.inference_mode():
-        times = interleaved_times({k: make(k, m) for k, m in nets.items()}, repeats, warmup, inner)
-    return _pack(times, {k: _observed(v, n) for k, v in seen.items() if v}, batch)
+        times = interleaved_times({k: make(k, m) for k, m in nets.items()}, repeats, warmup, inner, cpu=cpu)
+    return _pack(times, cpu, {k: _observed(v, n) for k, v in seen.items() if v}, batch, log)
 
 
 def bench_train(nets: dict, x: torch.Tensor, y: torch.Tensor, n: int, repeats: int, warmup: int,
@@ -110,19 +132,24 @@ def bench_train(nets: dict, x: torch.Tensor, y: torch.Tensor, n: int, repeats: i
         return fn
 
     log(f"  train step, batch {x.shape[0]}: {repeats} rounds, warm-up {warmup}")
-    times = interleaved_times({k: make(k, m) for k, m in nets.items()}, repeats, warmup, 1)
-    return _pack(times, {k: _observed(v, n) for k, v in seen.items() if v}, x.shape[0])
+    cpu: dict[str, list[float]] = {}
+    times = interleaved_times({k: make(k, m) for k, m in nets.items()}, repeats, warmup, 1, cpu=cpu)
+    return _pack(times, cpu, {k: _observed(v, n) for k, v in seen.items() if v}, x.shape[0], log)
 
 
-def _pack(times: dict[str, list[float]], routes: dict[str, list], batch: int) -> dict[str, Any]:
+def _pack(times: dict[str, list[float]], cpu: dict[str, list[float]], routes: dict[str, list],
+          batch: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     out: dict[str, Any] = {"batch": batch, "variants": {}}
     base = _summary(times["backbone"])["median"]
+    base_cpu = _summary(cpu["backbone"])["median"]
     for key, ts in times.items():
-        s = _summary(ts)
+        s, c = _summary(ts), _summary(cpu[key])
         out["variants"][key] = {
             "ms": 1e3 * s["median"], "q1_ms": 1e3 * s["q1"], "q3_ms": 1e3 * s["q3"], "min_ms": 1e3 * s["min"],
-            "samples": s["n"], "ratio": s["median"] / base, "observed_routes": routes.get(key),
+            "cpu_ms": 1e3 * c["median"], "samples": s["n"], "ratio": s["median"] / base,
+            "cpu_ratio": c["median"] / base_cpu, "observed_routes": routes.get(key),
         }
+    log("    " + "; ".join(f"{k} {v['ms']:.1f} ms (x{v['ratio']:.3f})" for k, v in out["variants"].items()))
     return out
 
 
@@ -139,8 +166,11 @@ def run_dispatch(
     warmup: int = 1,
     threads: int | None = None,
     seed: int = 0,
+    split_reference: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """See the module docstring. ``split_reference`` adds the :class:`SplitBackbone` references
+    (plain backbone on the same sub-batches) to the batch-256 cases."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -157,6 +187,12 @@ def run_dispatch(
         nets = _models(32, num_procedures, attention, cifar_width, seed)
         x = varied_images(cifar_batch, 32, seed=seed)
         y = torch.randint(0, 100, (cifar_batch,), generator=torch.Generator().manual_seed(seed))
+        if split_reference:
+            from .calibrate import _counts_from_shares
+
+            for kind in ("uniform", "skewed"):
+                nets[f"split_{kind}"] = SplitBackbone(
+                    copy.deepcopy(nets["backbone"]), _counts_from_shares(_shares(kind, num_procedures), cifar_batch))
         results["cifar_eval"] = bench_eval(nets, x, cifar_batch, num_procedures, cifar_eval_repeats, warmup, 1, log)
         results["cifar_train"] = bench_train(nets, x, y, num_procedures, cifar_train_repeats, warmup, log)
         del nets
@@ -186,16 +222,24 @@ def format_dispatch(report: dict[str, Any]) -> str:
              f"N = {report['settings']['num_procedures']}, attention = {report['settings']['attention']}; "
              f"medians of interleaved rounds; load average {env.get('loadavg_1min_at_start')} -> "
              f"{env.get('loadavg_1min_at_end')}"]
-    header = ["case", "backbone ms", "uniform ms", "ratio", "skewed ms", "ratio", "target"]
+    header = ["case", "backbone ms", "uniform ms", "ratio", "cpu ratio", "skewed ms", "ratio", "cpu ratio", "target"]
     rows = []
     for key, res in report["results"].items():
         v = res["variants"]
         rows.append([CASE_LABELS[key].format(b=res["batch"]), f"{v['backbone']['ms']:.1f}",
-                     f"{v['uniform']['ms']:.1f}", f"{v['uniform']['ratio']:.3f}",
-                     f"{v['skewed']['ms']:.1f}", f"{v['skewed']['ratio']:.3f}", f"<= {res['target_ratio']:.2f}"])
+                     f"{v['uniform']['ms']:.1f}", f"{v['uniform']['ratio']:.3f}", f"{v['uniform']['cpu_ratio']:.3f}",
+                     f"{v['skewed']['ms']:.1f}", f"{v['skewed']['ratio']:.3f}", f"{v['skewed']['cpu_ratio']:.3f}",
+                     f"<= {res['target_ratio']:.2f}"])
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines += [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    for key, res in report["results"].items():
+        v = res["variants"]
+        for kind in ("uniform", "skewed"):
+            ref = v.get(f"split_{kind}")
+            if ref:
+                lines.append(f"  {key} {kind}: plain backbone on the same sub-batches {ref['ms']:.1f} ms "
+                             f"(x{ref['ratio']:.3f}); RMN over it x{v[kind]['ms'] / ref['ms']:.3f} = the dispatch cost itself")
     for key, res in report["results"].items():
         for kind in ("uniform", "skewed"):
             r = res["variants"][kind]["observed_routes"]
@@ -218,6 +262,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--b1-inner", type=int, default=5, help="passes per timed block at batch 1")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-split-reference", action="store_true",
+                   help="skip the plain-backbone-on-the-same-sub-batches references")
     p.add_argument("--quick", action="store_true", help="small CIFAR batch and width, few rounds: a smoke run")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here")
     return p
@@ -230,7 +276,7 @@ def command(args: argparse.Namespace) -> int:
     attention = {"none": False, "ca": True, "se": "se"}[args.attention]
     report = run_dispatch(args.cases, args.procedures, attention, args.cifar_batch, args.cifar_width,
                           args.eval_repeats, args.train_repeats, args.b1_repeats, args.b1_inner, args.warmup,
-                          args.threads)
+                          args.threads, split_reference=not args.no_split_reference)
     print(format_dispatch(report))
     if args.json_out:
         path = Path(args.json_out)

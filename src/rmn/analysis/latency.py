@@ -94,29 +94,38 @@ def interleaved_times(
     warmup: int = 2,
     inner: int = 1,
     sync: Callable[[], None] | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each ``fn(i)`` round-robin: ``warmup`` untimed rounds, then ``repeats`` timed rounds.
 
     In every round each function runs one block of ``inner`` calls (``i`` counts the calls, so the
-    caller can cycle inputs); the recorded value is the block time / ``inner`` in seconds. The
+    caller can cycle inputs); the recorded value is the block's wall time / ``inner`` in seconds. The
     order in which the functions run rotates from round to round, so no variant always goes first.
+    If ``cpu`` is a dict it also receives the process CPU time per call (``time.process_time``: all
+    threads of this process; time spent waiting for a core held by another process is not in it).
     """
     keys = list(fns)
     times: dict[str, list[float]] = {k: [] for k in keys}
+    if cpu is not None:
+        cpu.update({k: [] for k in keys})
     counter = {k: 0 for k in keys}
     sync = sync or (lambda: None)
     for rnd in range(warmup + repeats):
         rot = rnd % len(keys)
         for k in keys[rot:] + keys[:rot]:
             sync()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             for _ in range(inner):
                 fns[k](counter[k])
                 counter[k] += 1
             sync()
             dt = (time.perf_counter() - t0) / inner
+            dc = (time.process_time() - c0) / inner
             if rnd >= warmup:
                 times[k].append(dt)
+                if cpu is not None:
+                    cpu[k].append(dc)
     return times
 
 
@@ -166,10 +175,11 @@ def bench_backbone(
             return fn
 
         log(f"  {pretty_name(name)} batch {bs}: {reps} interleaved rounds x {inn} pass(es), warm-up {warmup}")
+        cpu: dict[str, list[float]] = {}
         with torch.inference_mode():
-            times = interleaved_times({k: make(m) for k, m in models.items()}, reps, warmup, inn, sync)
+            times = interleaved_times({k: make(m) for k, m in models.items()}, reps, warmup, inn, sync, cpu)
         for key, ts in times.items():
-            s = _summary(ts)
+            s, c = _summary(ts), _summary(cpu[key])
             entry = result["variants"].setdefault(key, {"label": VARIANT_LABELS[key]})
             entry[f"batch{bs}"] = {
                 "ms_per_batch": 1e3 * s["median"],
@@ -178,14 +188,19 @@ def bench_backbone(
                 "q1_ms": 1e3 * s["q1"],
                 "q3_ms": 1e3 * s["q3"],
                 "min_ms": 1e3 * s["min"],
+                "cpu_ms_per_batch": 1e3 * c["median"],
+                "cpu_ms_per_image": 1e3 * c["median"] / bs,
                 "samples": s["n"],
             }
         base = result["variants"].get("backbone", {}).get(f"batch{bs}")
         if base:
             for key, entry in result["variants"].items():
-                entry[f"batch{bs}"]["ratio"] = entry[f"batch{bs}"]["ms_per_batch"] / base["ms_per_batch"]
+                e = entry[f"batch{bs}"]
+                e["ratio"] = e["ms_per_batch"] / base["ms_per_batch"]
+                e["cpu_ratio"] = e["cpu_ms_per_batch"] / base["cpu_ms_per_batch"]
         log("    " + "; ".join(f"{VARIANT_LABELS[k]} {e[f'batch{bs}']['ms_per_image']:.2f} ms/img"
-                                + (f" (x{e[f'batch{bs}']['ratio']:.3f})" if "ratio" in e[f"batch{bs}"] else "")
+                                + (f" (x{e[f'batch{bs}']['ratio']:.3f}, cpu x{e[f'batch{bs}']['cpu_ratio']:.3f})"
+                                   if "ratio" in e[f"batch{bs}"] else "")
                                 for k, e in result["variants"].items()))
     del models
     return result
@@ -287,7 +302,7 @@ def format_latency(report: dict[str, Any]) -> str:
     bss = report["settings"]["batch_sizes"]
     header = ["model", "variant"]
     for bs in bss:
-        header += ([f"ms/img b{bs}", "ratio"] if bs == 1 else [f"img/s b{bs}", "ratio"])
+        header += ([f"ms/img b{bs}", "ratio", "cpu ratio"] if bs == 1 else [f"img/s b{bs}", "ratio"])
     header += ["paper ms", "paper ratio", "target"]
     rows = []
     for res in report["results"]:
@@ -299,6 +314,8 @@ def format_latency(report: dict[str, Any]) -> str:
                 e = entry[f"batch{bs}"]
                 row += [f"{e['ms_per_image']:.2f}" if bs == 1 else f"{e['images_per_s']:.1f}",
                         f"{e.get('ratio', float('nan')):.3f}"]
+                if bs == 1:
+                    row.append(f"{e.get('cpu_ratio', float('nan')):.3f}")
             p = paper.get(key)
             row += [f"{p:.1f}" if p else "",
                     f"{p / paper['backbone']:.3f}" if p and paper.get("backbone") else "",
@@ -307,7 +324,8 @@ def format_latency(report: dict[str, Any]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     fmt = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines += [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
-    lines.append("ratio = time per batch / backbone's (for throughput: backbone images/s over variant's).")
+    lines.append("ratio = wall time per batch / backbone's (for throughput: backbone images/s over variant's); "
+                 "cpu ratio = the same with process CPU time (insensitive to waiting for a busy core).")
     return "\n".join(lines)
 
 
