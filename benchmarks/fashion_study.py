@@ -1,15 +1,24 @@
-"""CPU-scale study: does routing-by-memory beat its baseline at equal FLOPs on real Fashion-MNIST?
+"""CPU-scale studies on real Fashion-MNIST: does routing-by-memory beat its baseline at equal FLOPs, and
+can it train at the baseline's batch size? Every row: configs/fashion/base.yaml (eighth-width CIFAR-style
+ResNet-18, N=8, 10 epochs of which 4 plain), the same LR schedule; several seeds.
 
-Rows (the paper's Tables 1/4 and supplementary, scaled down): baseline at batch 256, baseline + SE,
-baseline at batch 1024, RMN N=8 without CA and RMN N=8 with CA at batch 1024 (the paper's 256*N/2).
-Every row: configs/fashion/base.yaml, the same epochs and LR schedule; several seeds.
+``--study reproduction`` (issue "Reproduction"; the paper's Tables 1/4 and supplementary, scaled down):
+baseline at batch 256, baseline + SE, baseline at 1024, RMN without CA and with CA at 1024 (256*N/2).
 
-    python benchmarks/fashion_study.py                 # all rows x 3 seeds (resumes finished/partial runs)
+``--study small-batch`` (issue "Beyond the paper"): RMN without CA at batch 128 and 256 with the
+paper's memory EMA and each variant of rmn.memory: count-weighted EMA, statistics accumulated to a
+virtual batch of 1024, dead-procedure revival. The variants of one batch size and seed share step 1:
+a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each variant continues with
+``run.start_from`` (bit-identical to training step 1 in place; tests/test_recipe_start_from.py).
+
+    python benchmarks/fashion_study.py                       # reproduction rows x 3 seeds (resumable)
+    python benchmarks/fashion_study.py --study small-batch --seeds 0
     python benchmarks/fashion_study.py --seeds 0 --rows rmn_ca --epochs 2    # a quick look
 
 Each run trains in runs/fashion_study/<row>/seed<k> (checkpoints, logs; resumable) and its summary.json is
-copied to results/fashion_study/<row>-seed<k>.json. The table (mean and standard deviation over seeds)
-goes to results/fashion_study/table.md and to stdout.
+copied to results/fashion_study/<row>-seed<k>.json; a finished run is never trained again. The study's
+table (mean and standard deviation over all seeds on disk) goes to results/fashion_study/<table>.md and
+to stdout.
 """
 from __future__ import annotations
 
@@ -26,22 +35,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from rmn.recipe import load_config, run_steps  # noqa: E402
+from rmn.recipe.steps import Run, train_stem  # noqa: E402
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
-ROWS = {
-    "baseline": {"run.mode": "baseline", "data.batch_size": 256},
-    "baseline_se": {"run.mode": "baseline", "data.batch_size": 256, "model.attention": "se"},
-    "baseline_1024": {"run.mode": "baseline", "data.batch_size": 1024},
-    "rmn": {"run.mode": "rmn", "data.batch_size": 1024, "model.attention": "none"},
-    "rmn_ca": {"run.mode": "rmn", "data.batch_size": 1024, "model.attention": "ca"},
+REPRODUCTION = {
+    "baseline": ("baseline (batch 256)", {"run.mode": "baseline", "data.batch_size": 256}),
+    "baseline_se": ("baseline + SE (batch 256)", {"run.mode": "baseline", "data.batch_size": 256, "model.attention": "se"}),
+    "baseline_1024": ("baseline (batch 1024)", {"run.mode": "baseline", "data.batch_size": 1024}),
+    "rmn": ("RMN N=8 without CA (batch 1024)", {"run.mode": "rmn", "data.batch_size": 1024, "model.attention": "none"}),
+    "rmn_ca": ("RMN N=8 with CA (batch 1024)", {"run.mode": "rmn", "data.batch_size": 1024, "model.attention": "ca"}),
 }
-LABELS = {
-    "baseline": "baseline (batch 256)",
-    "baseline_se": "baseline + SE (batch 256)",
-    "baseline_1024": "baseline (batch 1024)",
-    "rmn": "RMN N=8 without CA (batch 1024)",
-    "rmn_ca": "RMN N=8 with CA (batch 1024)",
+VARIANTS = {  # rmn.memory's update rules; the paper's EMA first
+    "ema": ("paper EMA", {}),
+    "count": ("count-weighted EMA", {"model.memory_rule": "count_ema"}),
+    "accum": ("statistics over 1024 samples", {"model.memory_accumulate_steps": None}),  # None: 1024 // batch
+    "revive": ("paper EMA + revival", {"model.revive_after": 20, "model.revive_threshold": 0.0}),
 }
+SMALL_BATCH = {
+    f"{v}_b{b}": (f"{label} (batch {b})", {"run.mode": "rmn", "data.batch_size": b, "model.attention": "none",
+                                         **{k: (1024 // b if x is None else x) for k, x in over.items()}})
+    for b in (128, 256) for v, (label, over) in VARIANTS.items()
+}
+STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH}
+TABLES = {"reproduction": "table.md", "small-batch": "small_batch.md"}
+REFERENCE_ROWS = {"small-batch": ("baseline", "rmn")}  # reproduction rows shown beside the variants
 
 
 def ensure_data() -> None:
@@ -52,59 +69,95 @@ def ensure_data() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
 
 
+def config(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, **extra):
+    overrides = dict({**REPRODUCTION, **SMALL_BATCH}[row][1])
+    overrides.update({"run.seed": seed, "run.output": str(out_root / row / f"seed{seed}"), "run.name": f"{row}-seed{seed}",
+                      "run.threads": threads, "run.progress": "lines", "run.atlas": False, **extra})
+    if epochs is not None:
+        overrides["schedule.epochs"] = epochs
+        overrides["schedule.stem_epochs"] = max(1, round(epochs * 0.4))
+    return load_config(ROOT / "configs/fashion/base.yaml", overrides)
+
+
+def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root: Path) -> Path:
+    """Step 1 of a small-batch row, trained once per batch size and seed (the variants share it)."""
+    batch = SMALL_BATCH[row][1]["data.batch_size"]
+    cfg = config(row, seed, epochs, threads, out_root, **{"run.output": str(out_root / f"stem_b{batch}" / f"seed{seed}"),
+                                                          "run.name": f"stem_b{batch}-seed{seed}", "run.keep_checkpoints": 1})
+    run = Run.open(cfg, resume=True)
+    if run.epoch < cfg.schedule.stem_epochs:
+        print(f"== step 1 at batch {batch}, seed {seed} (shared by the variants)", flush=True)
+        train_stem(run)
+    run.log.close()
+    return cfg.output_dir()
+
+
 def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, results: Path) -> dict:
     dest = results / f"{row}-seed{seed}.json"
     if dest.exists():
         return json.loads(dest.read_text())
-    overrides = dict(ROWS[row])
-    overrides.update({"run.seed": seed, "run.output": str(out_root / row / f"seed{seed}"), "run.name": f"{row}-seed{seed}",
-                      "run.threads": threads, "run.progress": "lines", "run.atlas": False})
-    if epochs is not None:
-        overrides["schedule.epochs"] = epochs
-        overrides["schedule.stem_epochs"] = max(1, round(epochs * 0.4))
-    cfg = load_config(ROOT / "configs/fashion/base.yaml", overrides)
+    extra = {"run.start_from": str(shared_stem(row, seed, epochs, threads, out_root))} if row in SMALL_BATCH else {}
+    cfg = config(row, seed, epochs, threads, out_root, **extra)
     t0 = time.perf_counter()
     print(f"== {row} seed {seed}", flush=True)
     summary = run_steps(cfg, resume=True, baseline=cfg.run.mode == "baseline")
     summary["timing"]["study_seconds"] = time.perf_counter() - t0
+    summary["revived"] = sum(json.loads(line).get("revived", 0) for line in (cfg.output_dir() / "metrics.jsonl").read_text().splitlines())
     results.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(summary, indent=1))
     shutil.rmtree(cfg.output_dir() / "checkpoints", ignore_errors=True)  # keep the disk small; logs stay
     return summary
 
 
-def table(summaries: dict[str, list[dict]]) -> str:
-    lines = ["| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean) |",
-             "|---|---|---|---|---|---|"]
-    for row, runs in summaries.items():
+def table(study: str, results: Path) -> str:
+    """Mean and standard deviation over every seed on disk of each row of ``study``."""
+    rows = {name: label for name, (label, _) in STUDIES[study].items()}
+    refs = {name: REPRODUCTION[name][0] for name in REFERENCE_ROWS.get(study, ())}
+    revivals = study == "small-batch"
+    lines = ["| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean, of 32) |"
+             + (" revivals (mean) |" if revivals else ""),
+             "|---|---|---|---|---|---|" + ("---|" if revivals else "")]
+    for name, label in {**refs, **rows}.items():
+        runs = [json.loads(p.read_text()) for p in sorted(results.glob(f"{name}-seed*.json"))]
         if not runs:
             continue
         acc = [100 * r["eval_top1"] for r in runs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        dead = statistics.mean(r["dead_procedures"] for r in runs)
-        lines.append(f"| {LABELS[row]} | {len(runs)} | {statistics.mean(acc):.2f} ± {std:.2f} | {runs[0]['params'] / 1e6:.3f}M | "
-                     f"{runs[0]['macs_per_image'] / 1e6:.2f}M | {dead:.1f} |")
+        dead = "-" if runs[0]["kind"] == "baseline" else f"{statistics.mean(r['dead_procedures'] for r in runs):.1f}"
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        line = (f"| {label} | {seeds} | {statistics.mean(acc):.2f} ± {std:.2f} | {runs[0]['params'] / 1e6:.3f}M | "
+                f"{runs[0]['macs_per_image'] / 1e6:.2f}M | {dead} |")
+        if revivals:
+            line += f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--study", choices=list(STUDIES), default="reproduction")
+    ap.add_argument("--rows", nargs="+", default=None, help="rows of the study (default: all)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="override schedule.epochs (stem epochs = 40%%)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (run two invocations with different --seeds to use two cores)")
     ap.add_argument("--runs", default=str(ROOT / "runs/fashion_study"))
     ap.add_argument("--results", default=str(ROOT / "results/fashion_study"))
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the table from the results on disk")
     args = ap.parse_args()
-    ensure_data()
+    rows = args.rows or list(STUDIES[args.study])
+    unknown = [r for r in rows if r not in STUDIES[args.study]]
+    if unknown:
+        ap.error(f"--rows: {', '.join(unknown)} not in study {args.study} (rows: {', '.join(STUDIES[args.study])})")
     results = Path(args.results)
-    summaries = {row: [] for row in args.rows}
-    for seed in args.seeds:  # seeds outermost: a partial study still has every row
-        for row in args.rows:
-            summaries[row].append(run_one(row, seed, args.epochs, args.threads, Path(args.runs), results))
-    text = table(summaries)
+    if not args.table_only:
+        ensure_data()
+        for seed in args.seeds:  # seeds outermost: a partial study still has every row
+            for row in rows:
+                run_one(row, seed, args.epochs, args.threads, Path(args.runs), results)
+    text = table(args.study, results)
     print(text)
-    (results / "table.md").write_text(text + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / TABLES[args.study]).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ class RunConfig:
     tensorboard: bool = True
     sync_bn: bool = False
     atlas: bool = True  # after an RMN run, draw each memory's nearest evaluation images (<output>/atlas)
+    # Step 1 done elsewhere: a run folder or checkpoint file of the same plain network (a baseline or
+    # a stem run, at or before schedule.stem_epochs); a fresh run continues from it instead of epoch 0.
+    start_from: Optional[str] = None
 
 
 @dataclass

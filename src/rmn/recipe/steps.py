@@ -27,7 +27,7 @@ from ..kmeans import kmeans
 from ..network import RoutedNetwork, clone_optimizer
 from ..syncbn import convert_sync_batchnorm
 from . import build
-from .checkpoint import latest_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, ConfigError, from_dict
 from .logs import RunLog, Throughput, progress, progress_mode
 from .schedule import lr_at
@@ -82,6 +82,9 @@ class Run:
         ckpt = latest_checkpoint(out / "checkpoints", device)
         if ckpt is not None and not resume:
             raise RecipeError(f"{out} already holds a run (checkpoint {ckpt.path.name}); pass --resume to continue it or choose another --output")
+        if ckpt is None and cfg.run.start_from:
+            is_baseline = baseline if baseline is not None else cfg.run.mode == "baseline"
+            return cls._started_from(cfg, out, device, _plain_checkpoint(cfg, device), "baseline" if is_baseline else "stem")
         if ckpt is not None:
             saved = from_dict(ckpt.meta["config"])
             _check_same_run(saved, cfg, ckpt.path)
@@ -94,22 +97,31 @@ class Run:
             model = build.build_stem_network(cfg, data.spec, data.image_size).to(device)
             run = cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase)
         else:
-            phase = ckpt.meta["phase"]
-            model = build.build_model(cfg, data.spec, data.image_size, phase).to(device)
-            model.load_state_dict(ckpt.model_state)
-            optimizer = build.build_optimizer(cfg, model)
-            if ckpt.optimizer_state is not None:
-                optimizer.load_state_dict(ckpt.optimizer_state)
-            restore_rng(ckpt)
             m = ckpt.meta
-            run = cls(cfg, out, device, data, model, optimizer, phase, m["epoch"], m["step"], m["seq"], m.get("extra", {}))
-        run.wrap()
-        run.loaders = build.build_loaders(cfg, data, device, distributed.rank(), distributed.world_size())
-        if distributed.rank() == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(cfg.to_yaml())
-        run.log = RunLog(out, run.seq, cfg.run.tensorboard, enabled=distributed.rank() == 0)
+            run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, m["phase"], device), m["phase"],
+                      m["epoch"], m["step"], m["seq"], m.get("extra", {}))
+        return run._ready()
+
+    @classmethod
+    def _started_from(cls, cfg: Config, out: Path, device: torch.device, ckpt: Checkpoint, phase: str) -> "Run":
+        """A new run whose first epochs are ``ckpt``'s plain network, optimizer and random state."""
+        data = build.build_data(cfg)
+        m = ckpt.meta
+        run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, "stem", device), phase, m["epoch"], m["step"], 0,
+                  {"started_from": f"{ckpt.path} (epoch {m['epoch']})"})
+        run._ready()
+        run.say(f"[start] epochs 1-{m['epoch']} taken from {ckpt.path} ({m['phase']} run)")
+        run.save()  # the copy is this run's own: resuming no longer needs run.start_from's files
         return run
+
+    def _ready(self) -> "Run":
+        self.wrap()
+        self.loaders = build.build_loaders(self.cfg, self.data, self.device, distributed.rank(), distributed.world_size())
+        if distributed.rank() == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(self.cfg.to_yaml())
+        self.log = RunLog(self.out, self.seq, self.cfg.run.tensorboard, enabled=distributed.rank() == 0)
+        return self
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
@@ -140,6 +152,51 @@ def _check_same_run(saved: Config, given: Config, path: Path) -> None:
             if getattr(b, key) != value:
                 raise ConfigError(f"{section}.{key}={getattr(b, key)!r} differs from {value!r} in {path}; "
                                   "resume with the run's own config.yaml or start a new --output")
+
+
+def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device: torch.device):
+    """Model (with ``phase``'s structure) and optimizer from ``ckpt``; the random state too."""
+    model = build.build_model(cfg, data.spec, data.image_size, phase).to(device)
+    model.load_state_dict(ckpt.model_state)
+    optimizer = build.build_optimizer(cfg, model)
+    if ckpt.optimizer_state is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    restore_rng(ckpt)
+    return model, optimizer
+
+
+# Model keys that only matter once stages are routed: a plain network trained under any of them is
+# the same network (with CA the stem's random routes depend on N, so N must match then).
+ROUTING_ONLY = {"routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps", "memory_smoothing",
+                "revive_after", "revive_threshold", "revive_reclone"}
+
+
+def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
+    """``run.start_from``'s newest checkpoint, checked to be this config's plain network before cloning."""
+    src = Path(cfg.run.start_from)
+    where = f"run.start_from={cfg.run.start_from}"
+    try:
+        ckpt = load_checkpoint(src, device) if src.is_file() else latest_checkpoint(
+            src / "checkpoints" if (src / "checkpoints").is_dir() else src, device)
+    except CheckpointError as e:
+        raise RecipeError(f"{where}: {e}") from None
+    if ckpt is None:
+        raise RecipeError(f"{where}: no checkpoint there (give a run folder or a checkpoint file)")
+    phase, epoch = ckpt.meta["phase"], ckpt.meta["epoch"]
+    if phase not in ("stem", "baseline"):
+        raise RecipeError(f"{where}: {ckpt.path.name} is a '{phase}' checkpoint; step 1 needs a plain network (a stem or baseline run)")
+    if epoch > cfg.schedule.stem_epochs:
+        raise RecipeError(f"{where}: {ckpt.path.name} is at epoch {epoch}, past schedule.stem_epochs={cfg.schedule.stem_epochs}")
+    saved = from_dict(ckpt.meta["config"])
+    skip = set(ROUTING_ONLY) | ({"num_procedures"} if cfg.model.attention != "ca" else set())
+    for section in ("model", "data", "optim", "schedule"):
+        a, b = getattr(saved, section), getattr(cfg, section)
+        for key, value in vars(a).items():
+            if (section == "model" and key in skip) or (section == "data" and key in ("workers", "eval_batch_size", "root", "micro_batch_size")):
+                continue
+            if getattr(b, key) != value:
+                raise ConfigError(f"{where}: {section}.{key}={getattr(b, key)!r} differs from {value!r} in {ckpt.path}")
+    return ckpt
 
 
 # -- the epoch loop ------------------------------------------------------------------------------
