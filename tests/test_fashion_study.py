@@ -1,0 +1,54 @@
+"""The Fashion-MNIST study script: its rows are the configs the issues ask for, and its table is the
+mean and standard deviation over every seed on disk (checked against hand-computed numbers)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("fashion_study", ROOT / "benchmarks" / "fashion_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_differ_only_where_the_study_says(study, tmp_path):
+    for row in study.STUDIES["small-batch"]:
+        cfg = study.config(row, 1, None, 1, tmp_path)
+        assert (cfg.run.mode, cfg.model.attention, cfg.model.num_procedures, cfg.schedule.epochs) == ("rmn", "none", 8, 10)
+        assert cfg.data.batch_size in (128, 256)
+        if row.startswith("accum"):  # a virtual batch of 1024 samples for the memories
+            assert cfg.model.memory_accumulate_steps * cfg.data.batch_size == 1024
+        else:
+            assert cfg.model.memory_accumulate_steps == 1
+        assert (cfg.model.memory_rule == "count_ema") == row.startswith("count")
+        assert (cfg.model.revive_after > 0) == row.startswith("revive")
+    base = study.config("baseline", 0, None, 1, tmp_path)
+    for row in study.REPRODUCTION:
+        cfg = study.config(row, 0, None, 1, tmp_path)
+        assert (cfg.optim, cfg.schedule, cfg.model.width_mult) == (base.optim, base.schedule, base.model.width_mult)
+
+
+def _summary(kind, seed, top1, dead=0, revived=0):
+    return {"kind": kind, "seed": seed, "eval_top1": top1, "dead_procedures": dead, "revived": revived,
+            "params": 1_405_218, "macs_per_image": 7_423_232.0}
+
+
+def test_table_is_mean_and_std_over_the_seeds_on_disk(study, tmp_path):
+    runs = {"baseline-seed0": _summary("baseline", 0, 0.90), "baseline-seed1": _summary("baseline", 1, 0.92),
+            "ema_b128-seed0": _summary("rmn", 0, 0.80, dead=4, revived=0),
+            "ema_b128-seed2": _summary("rmn", 2, 0.86, dead=2, revived=0),
+            "ema_b128-seed1": _summary("rmn", 1, 0.83, dead=3, revived=0)}
+    for name, s in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(s))
+    lines = study.table("small-batch", tmp_path).splitlines()
+    assert lines[2] == "| baseline (batch 256) | 0,1 | 91.00 ± 1.41 | 1.405M | 7.42M | - | 0.0 |"
+    assert lines[3] == "| paper EMA (batch 128) | 0,1,2 | 83.00 ± 3.00 | 1.405M | 7.42M | 3.0 | 0.0 |"
+    assert len(lines) == 4  # rows without results are left out
