@@ -13,7 +13,7 @@ a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each varia
 
     python benchmarks/fashion_study.py                       # reproduction rows x 3 seeds (resumable)
     python benchmarks/fashion_study.py --study small-batch --seeds 0
-    python benchmarks/fashion_study.py --seeds 0 --rows rmn_ca --epochs 2    # a quick look
+    python benchmarks/fashion_study.py --seeds 0 --rows rmn_ca --epochs 2    # a quick look (its own files: rmn_ca-e2-seed0)
 
 Each run trains in runs/fashion_study/<row>/seed<k> (checkpoints, logs; resumable) and its summary.json is
 copied to results/fashion_study/<row>-seed<k>.json; a finished run is never trained again. The study's
@@ -57,7 +57,7 @@ SMALL_BATCH = {
     for b in (128, 256) for v, (label, over) in VARIANTS.items()
 }
 STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH}
-TABLES = {"reproduction": "table.md", "small-batch": "small_batch.md"}
+TABLES = {"reproduction": "table", "small-batch": "small_batch"}
 REFERENCE_ROWS = {"small-batch": ("baseline", "rmn")}  # reproduction rows shown beside the variants
 
 
@@ -69,9 +69,15 @@ def ensure_data() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
 
 
+def tagged(row: str, epochs: int | None) -> str:
+    """A row's name in run folders and result files: runs with other --epochs never mix with the study's."""
+    return row if epochs is None else f"{row}-e{epochs}"
+
+
 def config(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, **extra):
     overrides = dict({**REPRODUCTION, **SMALL_BATCH}[row][1])
-    overrides.update({"run.seed": seed, "run.output": str(out_root / row / f"seed{seed}"), "run.name": f"{row}-seed{seed}",
+    name = tagged(row, epochs)
+    overrides.update({"run.seed": seed, "run.output": str(out_root / name / f"seed{seed}"), "run.name": f"{name}-seed{seed}",
                       "run.threads": threads, "run.progress": "lines", "run.atlas": False, **extra})
     if epochs is not None:
         overrides["schedule.epochs"] = epochs
@@ -82,8 +88,9 @@ def config(row: str, seed: int, epochs: int | None, threads: int, out_root: Path
 def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root: Path) -> Path:
     """Step 1 of a small-batch row, trained once per batch size and seed (the variants share it)."""
     batch = SMALL_BATCH[row][1]["data.batch_size"]
-    cfg = config(row, seed, epochs, threads, out_root, **{"run.output": str(out_root / f"stem_b{batch}" / f"seed{seed}"),
-                                                          "run.name": f"stem_b{batch}-seed{seed}", "run.keep_checkpoints": 1})
+    stem = tagged(f"stem_b{batch}", epochs)
+    cfg = config(row, seed, epochs, threads, out_root, **{"run.output": str(out_root / stem / f"seed{seed}"),
+                                                          "run.name": f"{stem}-seed{seed}", "run.keep_checkpoints": 1})
     run = Run.open(cfg, resume=True)
     if run.epoch < cfg.schedule.stem_epochs:
         print(f"== step 1 at batch {batch}, seed {seed} (shared by the variants)", flush=True)
@@ -93,7 +100,7 @@ def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root:
 
 
 def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, results: Path) -> dict:
-    dest = results / f"{row}-seed{seed}.json"
+    dest = results / f"{tagged(row, epochs)}-seed{seed}.json"
     if dest.exists():
         return json.loads(dest.read_text())
     extra = {"run.start_from": str(shared_stem(row, seed, epochs, threads, out_root))} if row in SMALL_BATCH else {}
@@ -109,10 +116,10 @@ def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Pat
     return summary
 
 
-def table(study: str, results: Path) -> str:
+def table(study: str, results: Path, epochs: int | None = None) -> str:
     """Mean and standard deviation over every seed on disk of each row of ``study``."""
-    rows = {name: label for name, (label, _) in STUDIES[study].items()}
-    refs = {name: REPRODUCTION[name][0] for name in REFERENCE_ROWS.get(study, ())}
+    rows = {tagged(name, epochs): label for name, (label, _) in STUDIES[study].items()}
+    refs = {tagged(name, epochs): REPRODUCTION[name][0] for name in REFERENCE_ROWS.get(study, ())}
     revivals = study == "small-batch"
     lines = ["| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean, of 32) |"
              + (" revivals (mean) |" if revivals else ""),
@@ -154,10 +161,10 @@ def main() -> None:
         for seed in args.seeds:  # seeds outermost: a partial study still has every row
             for row in rows:
                 run_one(row, seed, args.epochs, args.threads, Path(args.runs), results)
-    text = table(args.study, results)
+    text = table(args.study, results, args.epochs)
     print(text)
     results.mkdir(parents=True, exist_ok=True)
-    (results / TABLES[args.study]).write_text(text + "\n")
+    (results / f"{tagged(TABLES[args.study], args.epochs)}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
