@@ -105,3 +105,13 @@ def test_dispatch_benchmark_smoke():
         assert v["backbone"]["ratio"] == 1.0
         assert [sum(s) for s in v["uniform"]["observed_routes"]] == [16] * 4
     assert "dispatch cost itself" in format_dispatch(report)
+
+
+def test_dispatch_command_writes_its_json_report(tmp_path, capsys):
+    from rmn.analysis.dispatch_bench import main as dispatch_main
+
+    out = tmp_path / "deep" / "dispatch.json"
+    assert dispatch_main(["--cases", "cifar", "--quick", "--cifar-width", "0.125", "--cifar-batch", "16",
+                          "--eval-repeats", "1", "--train-repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["results"]) == {"cifar_eval", "cifar_train"}

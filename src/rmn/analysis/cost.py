@@ -173,8 +173,12 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def write_json(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    return write_report({"rows": rows} if meta is None else {"meta": meta, "rows": rows}, path)
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """A benchmark's or table's results as indented JSON (folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"rows": rows} if meta is None else {"meta": meta, "rows": rows}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     return path

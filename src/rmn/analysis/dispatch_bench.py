@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from ..backbones import create_backbone
 from ..network import RoutedNetwork
 from .calibrate import memories_for_shares
+from .cost import write_report
 from .latency import _loadavg, _summary, environment, interleaved_times, varied_images
 
 TARGETS = {"b1_eval": 1.03, "cifar_eval": 1.08, "cifar_train": 1.15}
@@ -279,10 +278,7 @@ def command(args: argparse.Namespace) -> int:
                           args.threads, split_reference=not args.no_split_reference)
     print(format_dispatch(report))
     if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_report(report, args.json_out)}")
     return 0
 
 

@@ -16,7 +16,6 @@ block is bracketed by ``torch.cuda.synchronize()``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ from torch import nn
 from ..backbones import create_backbone
 from ..network import RoutedNetwork
 from .calibrate import init_memories, measure_route_counts
-from .cost import pretty_name
+from .cost import pretty_name, write_report
 
 VARIANT_LABELS = {"backbone": "backbone", "rmn": "RMN without CA", "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE",
                   "rmn_one": "RMN w/o CA, 1 route"}
@@ -370,10 +369,7 @@ def command(args: argparse.Namespace) -> int:
                          args.width_mult)
     print(format_latency(report))
     if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_report(report, args.json_out)}")
     return 0
 
 
