@@ -99,6 +99,19 @@ def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root:
     return cfg.output_dir()
 
 
+def epoch_log(out: Path) -> dict:
+    """Per-epoch training loss, test accuracy and dead procedures of a finished run, and its revivals."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ("epoch", "phase", "train_loss", "eval_top1", "dead_procedures")
+
+    def smallest_share(r: dict) -> float | None:  # the least-loaded procedure of any stage: near-dead ones show here
+        shares = [v for k, load in r.items() if k.startswith("load_stage") for v in load]
+        return min(shares) if shares else None
+
+    return {"revived": sum(r.get("revived", 0) for r in rows),
+            "per_epoch": [{**{k: r.get(k) for k in keys}, "min_load_share": smallest_share(r)} for r in rows]}
+
+
 def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, results: Path) -> dict:
     dest = results / f"{tagged(row, epochs)}-seed{seed}.json"
     if dest.exists():
@@ -109,7 +122,7 @@ def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Pat
     print(f"== {row} seed {seed}", flush=True)
     summary = run_steps(cfg, resume=True, baseline=cfg.run.mode == "baseline")
     summary["timing"]["study_seconds"] = time.perf_counter() - t0
-    summary["revived"] = sum(json.loads(line).get("revived", 0) for line in (cfg.output_dir() / "metrics.jsonl").read_text().splitlines())
+    summary.update(epoch_log(cfg.output_dir()))
     results.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(summary, indent=1))
     shutil.rmtree(cfg.output_dir() / "checkpoints", ignore_errors=True)  # keep the disk small; logs stay

@@ -52,3 +52,15 @@ def test_table_is_mean_and_std_over_the_seeds_on_disk(study, tmp_path):
     assert lines[2] == "| baseline (batch 256) | 0,1 | 91.00 ± 1.41 | 1.405M | 7.42M | - | 0.0 |"
     assert lines[3] == "| paper EMA (batch 128) | 0,1,2 | 83.00 ± 3.00 | 1.405M | 7.42M | 3.0 | 0.0 |"
     assert len(lines) == 4  # rows without results are left out
+
+
+def test_epoch_log_keeps_the_curve_revivals_and_the_least_loaded_procedure(study, tmp_path):
+    rows = [{"epoch": 1, "phase": "stem", "train_loss": 1.0, "eval_top1": 0.5},
+            {"epoch": 2, "phase": "routed", "train_loss": 0.5, "eval_top1": 0.7, "dead_procedures": 1, "revived": 2,
+             "load_stage0": [0.5, 0.5], "load_stage1": [0.99, 0.01]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = study.epoch_log(tmp_path)
+    assert log["revived"] == 2
+    assert log["per_epoch"][0] == {"epoch": 1, "phase": "stem", "train_loss": 1.0, "eval_top1": 0.5,
+                                   "dead_procedures": None, "min_load_share": None}
+    assert log["per_epoch"][1]["min_load_share"] == 0.01
