@@ -97,6 +97,7 @@ def test_bad_overrides_name_the_key(override, key):
     ({"optim.lr": 0}, "optim.lr"),
     ({"optim.lr": float("nan")}, "optim.lr"),
     ({"optim.warmup_epochs": -1}, "optim.warmup_epochs"),
+    ({"optim.procedure_grad_scale": 0}, "optim.procedure_grad_scale"),
     ({"run.mode": "fast"}, "run.mode"),
     ({"run.progress": "spinner"}, "run.progress"),
     ({"run.keep_checkpoints": 0}, "run.keep_checkpoints"),

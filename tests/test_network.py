@@ -90,6 +90,21 @@ def test_gradients_only_reach_used_procedures_and_never_memories(toy):
         assert not stage.memory.memories.requires_grad
 
 
+def test_scale_procedure_gradients_touches_only_routed_procedures(toy):
+    net = RoutedNetwork.from_backbone(toy, num_procedures=3, attention=True, routed_stages=[1]).train()
+    random_memories(net)
+    net(torch.randn(16, 3, 16, 16)).sum().backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    net.scale_procedure_gradients(2.5)
+    for n, p in net.named_parameters():
+        if n not in before:
+            assert p.grad is None
+            continue
+        factor = 2.5 if n.startswith("stages.1.procedures.") else 1.0  # stem, unrouted stages, attention, head: 1
+        torch.testing.assert_close(p.grad, factor * before[n], rtol=0, atol=0)
+    assert any(n.startswith("stages.1.procedures.") for n in before)
+
+
 def test_memories_move_only_in_training(toy):
     net = RoutedNetwork.from_backbone(toy, num_procedures=2)
     random_memories(net)

@@ -282,3 +282,18 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="diverged"):
         train_stem(run)
     assert list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_procedure_grad_scale_applies_to_routed_steps_only(tmp_path, monkeypatch):
+    from rmn.network import RoutedNetwork
+
+    calls = []
+    real = RoutedNetwork.scale_procedure_gradients
+    monkeypatch.setattr(RoutedNetwork, "scale_procedure_gradients",
+                        lambda self, f: (calls.append((self.routed, f)), real(self, f)))
+    run_steps(tiny_cfg(tmp_path / "s", **{"schedule.epochs": 2, "schedule.stem_epochs": 1, "optim.procedure_grad_scale": 8.0,
+                                          "run.atlas": False}))
+    assert calls == [(True, 8.0)] * STEPS_PER_EPOCH  # once per routed optimizer step, never in step 1
+    calls.clear()
+    run_steps(tiny_cfg(tmp_path / "p", **{"schedule.epochs": 2, "schedule.stem_epochs": 1, "run.atlas": False}))
+    assert calls == []  # the paper: gradients as they are

@@ -71,7 +71,7 @@ def test_starting_from_a_baseline_checkpoint_file(whole, tmp_path):
 
 def test_routing_options_may_differ_from_the_source(stem_run, tmp_path):
     cfg = tiny_cfg(tmp_path, **{"run.start_from": str(stem_run), "model.memory_rule": "count_ema",
-                                "model.revive_after": 3, "model.memory_momentum": 0.5})
+                                "model.revive_after": 3, "model.memory_momentum": 0.5, "optim.procedure_grad_scale": 3.0})
     run = Run.open(cfg)
     assert (run.phase, run.epoch) == ("stem", 2)
     assert run.extra["started_from"].endswith("(epoch 2)")

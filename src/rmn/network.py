@@ -129,6 +129,16 @@ class RoutedNetwork(nn.Module):
                 for p in stage.procedures[j].parameters():
                     p.grad = None
 
+    def scale_procedure_gradients(self, factor: float) -> None:
+        """Multiply the gradients of every routed stage's procedures by ``factor`` (shared layers and
+        attention keep theirs): with SGD, a learning rate ``factor`` times higher for the procedures."""
+        for stage in self.stages:
+            if stage.memory is None:
+                continue
+            for p in stage.procedures.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
     def reset_load(self) -> None:
         for bank in self.memory_banks():
             if bank is not None:

@@ -192,7 +192,8 @@ def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
     for section in ("model", "data", "optim", "schedule"):
         a, b = getattr(saved, section), getattr(cfg, section)
         for key, value in vars(a).items():
-            if (section == "model" and key in skip) or (section == "data" and key in ("workers", "eval_batch_size", "root", "micro_batch_size")):
+            if ((section == "model" and key in skip) or (section == "optim" and key == "procedure_grad_scale")
+                    or (section == "data" and key in ("workers", "eval_batch_size", "root", "micro_batch_size"))):
                 continue
             if getattr(b, key) != value:
                 raise ConfigError(f"{where}: {section}.{key}={getattr(b, key)!r} differs from {value!r} in {ckpt.path}")
@@ -249,6 +250,8 @@ def train_epochs(run: Run, end_epoch: int) -> None:
                         + (" (procedure re-cloned)" if cfg.model.revive_reclone else ""))
             revived += len(revivals)
             model.drop_idle_gradients()
+            if cfg.optim.procedure_grad_scale != 1.0 and model.routed:
+                model.scale_procedure_gradients(cfg.optim.procedure_grad_scale)
             opt.step()
             run.step += 1
             meter.add(x.shape[0])
