@@ -160,6 +160,26 @@ def table(study: str, results: Path, epochs: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def curves(rows: list[str], results: Path) -> str:
+    """Per-epoch training loss and test top-1 of ``rows`` (mean over the seeds on disk): where RMN gains or loses."""
+    runs = {row: [json.loads(p.read_text()) for p in sorted(results.glob(f"{row}-seed*.json"))] for row in rows}
+    runs = {row: r for row, r in runs.items() if r}
+    if not runs:
+        return ""
+    epochs = max(len(r[0]["per_epoch"]) for r in runs.values())
+    head = "| epoch | " + " | ".join(f"{row}: loss / top-1 % ({len(r)} seeds)" for row, r in runs.items()) + " |"
+    lines = [head, "|---|" + "---|" * len(runs)]
+    for e in range(epochs):
+        cells = []
+        for r in runs.values():
+            got = [x["per_epoch"][e] for x in r if e < len(x["per_epoch"])]
+            loss = statistics.mean(g["train_loss"] for g in got)
+            top1 = statistics.mean(100 * g["eval_top1"] for g in got)
+            cells.append(f"{loss:.3f} / {top1:.2f}" + (" *" if got[0]["phase"] == "routed" else ""))
+        lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", choices=list(STUDIES), default="reproduction")
@@ -170,12 +190,19 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs/fashion_study"))
     ap.add_argument("--results", default=str(ROOT / "results/fashion_study"))
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table from the results on disk")
+    ap.add_argument("--curves", nargs="+", metavar="ROW", help="print the per-epoch curves of these result rows "
+                    "(e.g. baseline_1024 rmn rmn-e20) to stdout and results/.../curves-<rows>.md, then stop")
     args = ap.parse_args()
     rows = args.rows or list(STUDIES[args.study])
     unknown = [r for r in rows if r not in STUDIES[args.study]]
     if unknown:
         ap.error(f"--rows: {', '.join(unknown)} not in study {args.study} (rows: {', '.join(STUDIES[args.study])})")
     results = Path(args.results)
+    if args.curves:
+        text = curves(args.curves, results)
+        print(text + "\n(* = routed epoch)")
+        (results / f"curves-{'-'.join(args.curves)}.md").write_text(text + "\n")
+        return
     if not args.table_only:
         ensure_data()
         for seed in args.seeds:  # seeds outermost: a partial study still has every row

@@ -64,3 +64,15 @@ def test_epoch_log_keeps_the_curve_revivals_and_the_least_loaded_procedure(study
     assert log["per_epoch"][0] == {"epoch": 1, "phase": "stem", "train_loss": 1.0, "eval_top1": 0.5,
                                    "dead_procedures": None, "min_load_share": None}
     assert log["per_epoch"][1]["min_load_share"] == 0.01
+
+
+def test_curves_average_each_epoch_over_seeds_and_mark_routed_epochs(study, tmp_path):
+    def run(seed, losses, tops, phases):
+        per = [{"epoch": i + 1, "phase": ph, "train_loss": lo, "eval_top1": t} for i, (lo, t, ph) in enumerate(zip(losses, tops, phases))]
+        (tmp_path / f"rmn-seed{seed}.json").write_text(json.dumps({"per_epoch": per}))
+
+    run(0, [1.0, 0.5], [0.5, 0.7], ["stem", "routed"])
+    run(1, [0.8, 0.3], [0.6, 0.8], ["stem", "routed"])
+    lines = study.curves(["rmn", "missing"], tmp_path).splitlines()
+    assert lines[0] == "| epoch | rmn: loss / top-1 % (2 seeds) |"
+    assert lines[2:] == ["| 1 | 0.900 / 55.00 |", "| 2 | 0.400 / 75.00 * |"]
