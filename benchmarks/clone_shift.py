@@ -9,7 +9,9 @@ folder), performs steps 2 and 3 on a copy, and measures the loss on the same tra
 * plain network, eval mode and train mode (BatchNorm over the whole batch of B);
 * routed network, eval mode (must equal the plain network);
 * routed network, train mode with uniformly random routes (BatchNorm over ~B/N random samples);
-* routed network, train mode with its memories' routes (BatchNorm over ~B/N samples of one cluster).
+* routed network, train mode with its memories' routes (BatchNorm over ~B/N samples of one cluster);
+* the same after rmn.bn_match matched each procedure's BatchNorm to its cluster (``model.match_batchnorm``),
+  in eval and train mode.
 
     python benchmarks/clone_shift.py runs/fashion_study/stem_b128/seed0 --batch 1024
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from rmn.bn_match import match_batchnorm  # noqa: E402
 from rmn.recipe.config import from_dict  # noqa: E402
 from rmn.recipe.checkpoint import latest_checkpoint  # noqa: E402
 from rmn.recipe.steps import Run, clone, init_memory  # noqa: E402
@@ -91,6 +94,10 @@ def main() -> None:
         rows["routed, eval"] = measure(run.model, batches, False)
         rows[f"routed, train, random routes (BN over ~{args.batch // n})"] = measure(run.model, batches, True, random_routes=True)
         rows[f"routed, train, memory routes (BN over ~{args.batch // n}, one cluster)"] = measure(run.model, batches, True)
+        matched = copy.deepcopy(run.model)
+        match_batchnorm(matched, (x for x, _ in run.loaders[2]))
+        rows["routed, BN matched (model.match_batchnorm), eval"] = measure(matched, batches, False)
+        rows["routed, BN matched (model.match_batchnorm), train, memory routes"] = measure(matched, batches, True)
         run.log.close()
     width = max(map(len, rows))
     print(f"{args.stem} at epoch {ckpt.meta['epoch']}, {args.batches} training batches of {args.batch}, N={n}")

@@ -5,8 +5,9 @@ ResNet-18, N=8, 10 epochs of which 4 plain), the same LR schedule; several seeds
 ``--study reproduction`` (issue "Reproduction"; the paper's Tables 1/4 and supplementary, scaled down):
 baseline at batch 256, baseline + SE, baseline at 1024, RMN without CA and with CA at 1024 (256*N/2).
 
-``--study investigation``: RMN at 1024 with its procedures' gradients scaled by N (optim.procedure_grad_scale),
-to test whether the procedures' slower learning explains the gap to the baseline at this short schedule.
+``--study investigation``: RMN at 1024 with one change each, to test a cause of its gap to the baseline:
+procedures' gradients scaled by N (optim.procedure_grad_scale; do they learn too slowly?) and BatchNorm
+matched to the clusters at cloning (model.match_batchnorm; is the first routed epoch lost to the clone shift?).
 
 ``--study small-batch`` (issue "Beyond the paper"): RMN without CA at batch 128 and 256 with the
 paper's memory EMA and each variant of rmn.memory: count-weighted EMA, statistics accumulated to a
@@ -62,6 +63,8 @@ SMALL_BATCH = {
 INVESTIGATION = {  # why RMN trails its baseline here: one cause at a time
     "rmn_gs8": ("RMN N=8 without CA, procedure gradients x8 (batch 1024)",
                 {**REPRODUCTION["rmn"][1], "optim.procedure_grad_scale": 8.0}),
+    "rmn_bnm": ("RMN N=8 without CA, BatchNorm matched at cloning (batch 1024)",
+                {**REPRODUCTION["rmn"][1], "model.match_batchnorm": True}),
 }
 STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION}
 TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation"}

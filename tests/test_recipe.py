@@ -297,3 +297,32 @@ def test_procedure_grad_scale_applies_to_routed_steps_only(tmp_path, monkeypatch
     calls.clear()
     run_steps(tiny_cfg(tmp_path / "p", **{"schedule.epochs": 2, "schedule.stem_epochs": 1, "run.atlas": False}))
     assert calls == []  # the paper: gradients as they are
+
+
+def test_match_batchnorm_in_step_three_keeps_the_training_function(tmp_path):
+    """Right after step 3, in training mode on the same batch: the matched network stays near the plain one."""
+    import copy
+
+    outs, states = {}, {}
+    for match in (False, True):
+        run = Run.open(tiny_cfg(tmp_path / str(match), **{"schedule.epochs": 2, "schedule.stem_epochs": 1,
+                                                          "model.match_batchnorm": match, "model.attention": "none"}))
+        train_stem(run)
+        x = next(iter(run.loaders[2]))[0]
+        with torch.no_grad():
+            plain = copy.deepcopy(run.model).train()(x)
+        clone(run)
+        init_memory(run)
+        with torch.no_grad():
+            outs[match] = ((copy.deepcopy(run.model).train()(x) - plain).norm() / plain.norm()).item()
+        states[match] = run.model.state_dict()
+        assert ("match_batchnorm" in run.extra["init_memory_seconds"]) == match
+        run.log.close()
+    assert outs[True] < 0.5 * outs[False], outs
+    moved = [k for k in states[False] if "procedures" in k and k.endswith("running_mean")
+             and not torch.equal(states[False][k], states[True][k])]
+    assert moved  # the procedures' statistics now are their clusters'
+    ckpt = load_checkpoint(list_checkpoints(tmp_path / "True" / "checkpoints")[-1])
+    assert ckpt.meta["phase"] == "memory"
+    for k in moved:
+        assert torch.equal(ckpt.model_state[k], states[True][k])

@@ -39,6 +39,7 @@ class ModelConfig:
     revive_after: int = 0  # steps a memory may starve before it is re-seeded (0 = never)
     revive_threshold: float = 0.0  # load share at or below which a memory is starving
     revive_reclone: bool = True  # also copy the donor's procedure and optimizer state
+    match_batchnorm: bool = False  # step 3 also re-expresses each procedure's BatchNorm in its cluster's statistics
     attention_reduction: int = 16
     drop_path_rate: Optional[float] = None  # EfficientNet stochastic depth; None = the backbone's default
 

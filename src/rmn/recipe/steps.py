@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..analysis.routing import load_stats
+from ..bn_match import match_batchnorm
 from ..kmeans import kmeans
 from ..network import RoutedNetwork, clone_optimizer
 from ..syncbn import convert_sync_batchnorm
@@ -168,7 +169,7 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
 # Model keys that only matter once stages are routed: a plain network trained under any of them is
 # the same network (with CA the stem's random routes depend on N, so N must match then).
 ROUTING_ONLY = {"routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps", "memory_smoothing",
-                "revive_after", "revive_threshold", "revive_reclone"}
+                "revive_after", "revive_threshold", "revive_reclone", "match_batchnorm"}
 
 
 def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
@@ -397,6 +398,10 @@ def init_memory(run: Run) -> Run:
     t2 = time.perf_counter()
     run.extra["cluster_sizes"] = sizes
     run.extra["init_memory_seconds"] = {"features": t1 - t0, "kmeans": t2 - t1}
+    if run.cfg.model.match_batchnorm:
+        matched = match_batchnorm(run.model, (x for x, _ in run.loaders[2]))
+        run.extra["init_memory_seconds"]["match_batchnorm"] = time.perf_counter() - t2
+        run.say(f"[init-memory] {matched} BatchNorm layers of the procedures matched to their clusters' statistics")
     run.phase = "memory"
     run.save()
     return run

@@ -1,0 +1,123 @@
+"""Statistics-matched cloning (rmn.bn_match) against a plain reference on random inputs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from rmn import RoutedNetwork
+from rmn.bn_match import match_batchnorm
+from rmn.kmeans import kmeans
+from tests.conftest import toy_backbone
+
+
+def routed_toy(seed=0, n=3):
+    torch.manual_seed(seed)
+    backbone = toy_backbone()
+    for m in backbone.modules():  # a trained-looking network: non-trivial running statistics and affine terms
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    net = RoutedNetwork.from_backbone(backbone, num_procedures=n, attention=False)
+    return net
+
+
+def init_memories(net, x):
+    net.eval()
+    with torch.no_grad():
+        feats = net.stage_inputs(x, as_stem=True)
+    for bank, f in zip(net.memory_banks(), feats):
+        bank.set_memories(kmeans(f, bank.num_memories, seed=0).centers)
+
+
+def test_first_layer_against_a_plain_reference():
+    """Stage 0's first BatchNorm of every procedure, against its input computed plainly (training-mode stem)."""
+    net = routed_toy()
+    x = torch.randn(96, 3, 16, 16) + torch.linspace(-1, 1, 96).view(-1, 1, 1, 1)
+    stage = net.stages[0]
+    with torch.no_grad():  # memories on the training-mode stage-0 inputs, so that every cluster is used
+        stage.memory.set_memories(kmeans(copy.deepcopy(net).train().stem(x).mean(dim=(2, 3)), 3, seed=0).centers)
+    old = [(bn.weight.clone().double(), bn.bias.clone().double(), bn.eps) for bn in (p[0][1] for p in stage.procedures)]
+    state = copy.deepcopy(net.state_dict())
+    reference = copy.deepcopy(net).train()
+    firsts, routes = [], []
+    with torch.no_grad():
+        for chunk in x.split(32):
+            h = reference.stem(chunk)  # training mode: each chunk normalised over itself
+            routes.append(torch.cdist(h.mean(dim=(2, 3)), stage.memory.memories).argmin(1))
+            firsts.append(stage.procedures[0][0][0](h))
+    first, route = torch.cat(firsts), torch.cat(routes)
+    net.train()
+    matched = match_batchnorm(net, x.split(32))
+    assert net.training
+    assert 0 < matched <= sum(isinstance(m, nn.BatchNorm2d) for s in net.stages for m in s.procedures.modules())
+    every = first.transpose(0, 1).flatten(1).double()
+    used = sorted(set(route.tolist()))
+    assert len(used) >= 2
+    for j in used:
+        sel = first[route == j].transpose(0, 1).flatten(1).double()
+        gamma, beta, eps = old[j]
+        sigma = (every.var(1) + eps).sqrt()
+        bn = stage.procedures[j][0][1]
+        torch.testing.assert_close(bn.running_mean.double(), sel.mean(1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), sel.var(1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bn.weight.double(), gamma * (sel.var(1) + eps).sqrt() / sigma, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bn.bias.double(), beta + gamma * (sel.mean(1) - every.mean(1)) / sigma, rtol=1e-4, atol=1e-5)
+    # the pass ran on a copy: nothing but the procedures' BatchNorm changed (no running statistic of the stem)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and all(".procedures." in k and k.rsplit(".", 1)[1] in ("weight", "bias", "running_mean", "running_var")
+                           for k in changed)
+
+
+def test_training_mode_output_follows_the_plain_network():
+    """The plain network in training mode on X against its clone in training mode on X: without matching the
+    procedures normalise over their clusters and the output moves; matched, it stays (up to n/(n-1))."""
+
+    torch.manual_seed(1)
+    x = torch.randn(384, 3, 16, 16) * torch.linspace(0.3, 3, 384).view(-1, 1, 1, 1) + torch.linspace(-2, 2, 384).view(-1, 1, 1, 1)
+    plain = routed_toy(seed=1, n=1)  # one procedure, no routing: the plain network
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0  # running statistics := those of the batch below (as after training on it)
+    plain.train()
+    with torch.no_grad():
+        plain(x)
+        want = copy.deepcopy(plain)(x)  # training mode, statistics of the whole batch
+
+    def clone(match: bool):
+        net = RoutedNetwork.from_backbone(copy.deepcopy(plain), num_procedures=3, attention=False)
+        init_memories(net, x)
+        if match:
+            assert match_batchnorm(net, [x]) > 0
+        net.train()
+        with torch.no_grad():
+            out = net(x)
+        assert all(len(set(r.tolist())) == 3 for r in net.last_routes)  # every procedure got its cluster
+        return out
+
+    unmatched = (clone(False) - want).norm() / want.norm()
+    matched = (clone(True) - want).norm() / want.norm()
+    assert unmatched > 0.05, unmatched
+    assert matched < 0.02 * unmatched, (matched, unmatched)
+
+
+def test_nothing_routed_nothing_matched_and_an_empty_cluster_is_left_alone():
+    net = routed_toy(n=2)
+    x = torch.randn(16, 3, 16, 16)
+    for bank in net.memory_banks():  # memory 1 far away: procedure 1 of every stage gets nothing
+        m = torch.zeros(bank.memories.shape)
+        m[1] = 1e6
+        bank.set_memories(m)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    matched = match_batchnorm(net, [x])
+    per_procedure = sum(isinstance(m, nn.BatchNorm2d) for m in net.stages[0].procedures[0].modules())
+    assert matched == per_procedure * len(net.stages)  # procedure 0 of each stage only
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".procedures.0." in k for k in changed)
+    stem_network = RoutedNetwork.from_backbone(toy_backbone(), num_procedures=2, attention=False, routed_stages=())
+    assert match_batchnorm(stem_network, [x]) == 0  # step 1's network: no procedures to match
