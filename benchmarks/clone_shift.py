@@ -15,7 +15,7 @@ folder), performs steps 2 and 3 on a copy, and measures the loss on the same tra
 
     python benchmarks/clone_shift.py runs/fashion_study/stem_b128/seed0 --batch 1024
 
-Writes a table to stdout and results/fashion_study/clone_shift-<stem>.json.
+Writes the table to stdout and results/fashion_study/clone_shift-<stem>-b<batch>.{md,json}.
 """
 from __future__ import annotations
 
@@ -99,17 +99,18 @@ def main() -> None:
         rows["routed, BN matched (model.match_batchnorm), eval"] = measure(matched, batches, False)
         rows["routed, BN matched (model.match_batchnorm), train, memory routes"] = measure(matched, batches, True)
         run.log.close()
-    width = max(map(len, rows))
-    print(f"{args.stem} at epoch {ckpt.meta['epoch']}, {args.batches} training batches of {args.batch}, N={n}")
-    print(f"{'network, mode':<{width}}  {'loss':>7}  {'accuracy':>8}")
-    for name, r in rows.items():
-        print(f"{name:<{width}}  {r['loss']:>7.4f}  {100 * r['accuracy']:>7.2f}%")
+    lines = [f"{args.batches} training batches of {args.batch} (augmented, as step 4 sees them), N={n}, "
+             f"step 1 from {args.stem} (epoch {ckpt.meta['epoch']})", "",
+             "| network, BatchNorm mode | loss | top-1 % |", "|---|---|---|"]
+    lines += [f"| {name} | {r['loss']:.4f} | {100 * r['accuracy']:.2f} |" for name, r in rows.items()]
+    text = "\n".join(lines)
+    print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "-".join(Path(args.stem).resolve().parts[-2:])
+    name = "-".join(Path(args.stem).resolve().parts[-2:]) + f"-b{args.batch}"
     (out / f"clone_shift-{name}.json").write_text(json.dumps(
         {"stem": args.stem, "epoch": ckpt.meta["epoch"], "batch": args.batch, "batches": args.batches, "rows": rows}, indent=1))
-
+    (out / f"clone_shift-{name}.md").write_text(text + "\n")
 
 if __name__ == "__main__":
     main()
