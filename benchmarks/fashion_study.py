@@ -99,7 +99,8 @@ def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root:
     """Step 1 of a small-batch row, trained once per batch size and seed (the variants share it)."""
     batch = SMALL_BATCH[row][1]["data.batch_size"]
     stem = tagged(f"stem_b{batch}", epochs)
-    cfg = config(row, seed, epochs, threads, out_root, **{"run.output": str(out_root / stem / f"seed{seed}"),
+    # one config for the stem of every variant (they differ in routing options only, which step 1 ignores)
+    cfg = config(f"ema_b{batch}", seed, epochs, threads, out_root, **{"run.output": str(out_root / stem / f"seed{seed}"),
                                                           "run.name": f"{stem}-seed{seed}", "run.keep_checkpoints": 1})
     run = Run.open(cfg, resume=True)
     if run.epoch < cfg.schedule.stem_epochs:
