@@ -159,19 +159,21 @@ def table(study: str, results: Path, epochs: int | None = None) -> str:
         line = (f"| {label} | {seeds} | {statistics.mean(acc):.2f} ± {std:.2f} | {runs[0]['params'] / 1e6:.3f}M | "
                 f"{runs[0]['macs_per_image'] / 1e6:.2f}M | {dead} |")
         if revivals:
-            line += f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
+            line += " - |" if name in refs else f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def curves(rows: list[str], results: Path) -> str:
-    """Per-epoch training loss and test top-1 of ``rows`` (mean over the seeds on disk): where RMN gains or loses."""
-    runs = {row: [json.loads(p.read_text()) for p in sorted(results.glob(f"{row}-seed*.json"))] for row in rows}
+def curves(rows: list[str], results: Path, seeds: list[int] | None = None) -> str:
+    """Per-epoch training loss and test top-1 of ``rows`` (mean over ``seeds``, default every seed on disk):
+    where RMN gains or loses."""
+    runs = {row: [json.loads(p.read_text()) for p in sorted(results.glob(f"{row}-seed*.json"))
+                  if seeds is None or int(p.stem.rsplit("-seed", 1)[1]) in seeds] for row in rows}
     runs = {row: r for row, r in runs.items() if r}
     if not runs:
         return ""
     epochs = max(len(r[0]["per_epoch"]) for r in runs.values())
-    head = "| epoch | " + " | ".join(f"{row}: loss / top-1 % ({len(r)} seeds)" for row, r in runs.items()) + " |"
+    head = "| epoch | " + " | ".join(f"{row}: loss / top-1 % ({len(r)} seed{'s' if len(r) > 1 else ''})" for row, r in runs.items()) + " |"
     lines = [head, "|---|" + "---|" * len(runs)]
     for e in range(epochs):
         cells = []
@@ -188,7 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", choices=list(STUDIES), default="reproduction")
     ap.add_argument("--rows", nargs="+", default=None, help="rows of the study (default: all)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds to train (or to average, with --curves)")
     ap.add_argument("--epochs", type=int, default=None, help="override schedule.epochs (stem epochs = 40%%)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (run two invocations with different --seeds to use two cores)")
     ap.add_argument("--runs", default=str(ROOT / "runs/fashion_study"))
@@ -203,9 +205,9 @@ def main() -> None:
         ap.error(f"--rows: {', '.join(unknown)} not in study {args.study} (rows: {', '.join(STUDIES[args.study])})")
     results = Path(args.results)
     if args.curves:
-        text = curves(args.curves, results)
+        text = curves(args.curves, results, args.seeds)
         print(text + "\n(* = routed epoch)")
-        (results / f"curves-{'-'.join(args.curves)}.md").write_text(text + "\n")
+        (results / f"curves-{'-'.join(args.curves)}-seeds{''.join(map(str, args.seeds))}.md").write_text(text + "\n")
         return
     if not args.table_only:
         ensure_data()

@@ -49,7 +49,7 @@ def test_table_is_mean_and_std_over_the_seeds_on_disk(study, tmp_path):
     for name, s in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(s))
     lines = study.table("small-batch", tmp_path).splitlines()
-    assert lines[2] == "| baseline (batch 256) | 0,1 | 91.00 ± 1.41 | 1.405M | 7.42M | - | 0.0 |"
+    assert lines[2] == "| baseline (batch 256) | 0,1 | 91.00 ± 1.41 | 1.405M | 7.42M | - | - |"
     assert lines[3] == "| paper EMA (batch 128) | 0,1,2 | 83.00 ± 3.00 | 1.405M | 7.42M | 3.0 | 0.0 |"
     assert len(lines) == 4  # rows without results are left out
 
