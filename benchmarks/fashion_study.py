@@ -172,13 +172,17 @@ def curves(rows: list[str], results: Path, seeds: list[int] | None = None) -> st
     runs = {row: r for row, r in runs.items() if r}
     if not runs:
         return ""
-    epochs = max(len(r[0]["per_epoch"]) for r in runs.values())
+    epochs = max(x["epoch"] for r in runs.values() for run in r for x in run["per_epoch"])
     head = "| epoch | " + " | ".join(f"{row}: loss / top-1 % ({len(r)} seed{'s' if len(r) > 1 else ''})" for row, r in runs.items()) + " |"
     lines = [head, "|---|" + "---|" * len(runs)]
     for e in range(epochs):
         cells = []
         for r in runs.values():
-            got = [x["per_epoch"][e] for x in r if e < len(x["per_epoch"])]
+            # runs continued from a shared step 1 (run.start_from) log their own epochs only
+            got = [x for run in r for x in run["per_epoch"] if x["epoch"] == e + 1]
+            if not got:
+                cells.append("-")
+                continue
             loss = statistics.mean(g["train_loss"] for g in got)
             top1 = statistics.mean(100 * g["eval_top1"] for g in got)
             cells.append(f"{loss:.3f} / {top1:.2f}" + (" *" if got[0]["phase"] == "routed" else ""))

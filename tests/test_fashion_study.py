@@ -73,6 +73,8 @@ def test_curves_average_each_epoch_over_seeds_and_mark_routed_epochs(study, tmp_
 
     run(0, [1.0, 0.5], [0.5, 0.7], ["stem", "routed"])
     run(1, [0.8, 0.3], [0.6, 0.8], ["stem", "routed"])
-    lines = study.curves(["rmn", "missing"], tmp_path).splitlines()
-    assert lines[0] == "| epoch | rmn: loss / top-1 % (2 seeds) |"
-    assert lines[2:] == ["| 1 | 0.900 / 55.00 |", "| 2 | 0.400 / 75.00 * |"]
+    started = [{"epoch": 2, "phase": "routed", "train_loss": 0.2, "eval_top1": 0.9}]  # step 1 from a shared run
+    (tmp_path / "ema-seed0.json").write_text(json.dumps({"per_epoch": started}))
+    lines = study.curves(["rmn", "ema", "missing"], tmp_path).splitlines()
+    assert lines[0] == "| epoch | rmn: loss / top-1 % (2 seeds) | ema: loss / top-1 % (1 seed) |"
+    assert lines[2:] == ["| 1 | 0.900 / 55.00 | - |", "| 2 | 0.400 / 75.00 * | 0.200 / 90.00 * |"]
