@@ -67,6 +67,7 @@ INVESTIGATION = {  # why RMN trails its baseline here: one cause at a time
                 {**REPRODUCTION["rmn"][1], "model.match_batchnorm": True}),
 }
 STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION}
+ROWS = {row: spec for study in STUDIES.values() for row, spec in study.items()}
 TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation"}
 REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn")}  # shown beside
 
@@ -85,7 +86,7 @@ def tagged(row: str, epochs: int | None) -> str:
 
 
 def config(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, **extra):
-    overrides = dict({**REPRODUCTION, **SMALL_BATCH, **INVESTIGATION}[row][1])
+    overrides = dict(ROWS[row][1])
     name = tagged(row, epochs)
     overrides.update({"run.seed": seed, "run.output": str(out_root / name / f"seed{seed}"), "run.name": f"{name}-seed{seed}",
                       "run.threads": threads, "run.progress": "lines", "run.atlas": False, **extra})

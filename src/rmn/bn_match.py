@@ -49,10 +49,10 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
     if not routed:
         return 0
     plain = copy.deepcopy(model).train()
+    plain_norms = {(i, k): bn for i in routed for k, bn in enumerate(_norms(plain.stages[i].procedures[0]))}
     # per routed stage and layer of procedure 0: [N, 3, C] sums of (count, x, x^2) per cluster
-    sums = {(i, k): torch.zeros(model.stages[i].num_procedures, 3, bn.num_features, dtype=torch.float64,
-                                device=bn.running_mean.device)
-            for i in routed for k, bn in enumerate(_norms(plain.stages[i].procedures[0]))}
+    sums = {key: torch.zeros(model.stages[key[0]].num_procedures, 3, bn.num_features, dtype=torch.float64,
+                             device=bn.running_mean.device) for key, bn in plain_norms.items()}
     routes: dict[str, torch.Tensor] = {}
 
     def recorder(key):
@@ -66,8 +66,7 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
             s[:, 2].index_add_(0, r, per_sample.pow(2).sum(2))
         return record
 
-    hooks = [bn.register_forward_pre_hook(recorder((i, k)))
-             for i in routed for k, bn in enumerate(_norms(plain.stages[i].procedures[0]))]
+    hooks = [bn.register_forward_pre_hook(recorder(key)) for key, bn in plain_norms.items()]
     try:
         for x in batches:
             h = plain.stem(x)
@@ -82,13 +81,13 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
     keys = sorted(sums)  # the same order on every rank
     flat = torch.cat([sums[k].flatten() for k in keys])
     distributed.all_reduce_sum(flat)
+    procedure_norms = {i: [_norms(proc) for proc in model.stages[i].procedures] for i in routed}
     matched = 0
-    for key, stats in zip(keys, flat.split([sums[k].numel() for k in keys])):
-        i, k = key
-        stats = stats.view(sums[key].shape)
+    for (i, k), stats in zip(keys, flat.split([sums[key].numel() for key in keys])):
+        stats = stats.view(sums[(i, k)].shape)
         _, mu, var = _moments(stats.sum(0))  # over all clusters: what the whole-batch statistics estimated
-        for j, proc in enumerate(model.stages[i].procedures):
-            bn = _norms(proc)[k]
+        for j, norms in enumerate(procedure_norms[i]):
+            bn = norms[k]
             count, mu_j, var_j = _moments(stats[j])
             if count < min_samples or not bn.affine:
                 continue

@@ -143,16 +143,25 @@ class Run:
         return self.cfg.schedule.epochs
 
 
-def _check_same_run(saved: Config, given: Config, path: Path) -> None:
-    """Resuming with a config that would build a different model or schedule is refused."""
+# Keys that change neither the model nor the schedule: where the data lives and how it is fed.
+FEEDING_ONLY = {("data", k) for k in ("workers", "eval_batch_size", "root", "micro_batch_size")}
+
+
+def _first_difference(saved: Config, given: Config, ignore: set[tuple[str, str]]) -> str | None:
+    """'section.key=given differs from saved' for the first model/data/optim/schedule key that differs."""
     for section in ("model", "data", "optim", "schedule"):
         a, b = getattr(saved, section), getattr(given, section)
         for key, value in vars(a).items():
-            if section == "data" and key in ("workers", "eval_batch_size", "root", "micro_batch_size"):
-                continue
-            if getattr(b, key) != value:
-                raise ConfigError(f"{section}.{key}={getattr(b, key)!r} differs from {value!r} in {path}; "
-                                  "resume with the run's own config.yaml or start a new --output")
+            if (section, key) not in ignore and getattr(b, key) != value:
+                return f"{section}.{key}={getattr(b, key)!r} differs from {value!r}"
+    return None
+
+
+def _check_same_run(saved: Config, given: Config, path: Path) -> None:
+    """Resuming with a config that would build a different model or schedule is refused."""
+    diff = _first_difference(saved, given, FEEDING_ONLY)
+    if diff:
+        raise ConfigError(f"{diff} in {path}; resume with the run's own config.yaml or start a new --output")
 
 
 def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device: torch.device):
@@ -166,10 +175,11 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
     return model, optimizer
 
 
-# Model keys that only matter once stages are routed: a plain network trained under any of them is
-# the same network (with CA the stem's random routes depend on N, so N must match then).
-ROUTING_ONLY = {"routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps", "memory_smoothing",
-                "revive_after", "revive_threshold", "revive_reclone", "match_batchnorm"}
+# Keys that only matter once stages are routed: a plain network trained under any of them is the
+# same network (with CA the stem's random routes depend on N, so N must match then).
+ROUTING_ONLY = {("model", k) for k in ("routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps",
+                                       "memory_smoothing", "revive_after", "revive_threshold", "revive_reclone",
+                                       "match_batchnorm")} | {("optim", "procedure_grad_scale")}
 
 
 def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
@@ -188,16 +198,10 @@ def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
         raise RecipeError(f"{where}: {ckpt.path.name} is a '{phase}' checkpoint; step 1 needs a plain network (a stem or baseline run)")
     if epoch > cfg.schedule.stem_epochs:
         raise RecipeError(f"{where}: {ckpt.path.name} is at epoch {epoch}, past schedule.stem_epochs={cfg.schedule.stem_epochs}")
-    saved = from_dict(ckpt.meta["config"])
-    skip = set(ROUTING_ONLY) | ({"num_procedures"} if cfg.model.attention != "ca" else set())
-    for section in ("model", "data", "optim", "schedule"):
-        a, b = getattr(saved, section), getattr(cfg, section)
-        for key, value in vars(a).items():
-            if ((section == "model" and key in skip) or (section == "optim" and key == "procedure_grad_scale")
-                    or (section == "data" and key in ("workers", "eval_batch_size", "root", "micro_batch_size"))):
-                continue
-            if getattr(b, key) != value:
-                raise ConfigError(f"{where}: {section}.{key}={getattr(b, key)!r} differs from {value!r} in {ckpt.path}")
+    ignore = FEEDING_ONLY | ROUTING_ONLY | ({("model", "num_procedures")} if cfg.model.attention != "ca" else set())
+    diff = _first_difference(from_dict(ckpt.meta["config"]), cfg, ignore)
+    if diff:
+        raise ConfigError(f"{where}: {diff} in {ckpt.path}")
     return ckpt
 
 
