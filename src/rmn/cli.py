@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import distributed
+
 # timm-style flags users already know, and where they land in the config.
 SHORT_FLAGS = {
     "--model": "model.backbone",
@@ -157,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     rest, dotted = _split_dotted(list(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(rest)
     extra += dotted
+    clean = False
     try:
         if args.func not in (_run_command, _eval_command):  # the analysis commands: handler(args)
             if extra:
                 raise ValueError(f"unrecognised argument {extra[0]!r}")
-            return args.func(args) or 0
-        return args.func(args, extra) or 0
+            code = args.func(args) or 0
+        else:
+            code = args.func(args, extra) or 0
+        clean = True
+        return code
     except KeyboardInterrupt:
         print("rmn: interrupted; the newest complete checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130
@@ -172,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"rmn: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown(clean)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group before the interpreter exits.
+
+    A gloo group still alive at exit can abort the process in its destructor ("terminate called
+    without an active exception") after all the work is done and saved. On a clean finish the
+    ranks first meet at a barrier, so none tears down its connections while another still talks.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean and is_distributed():
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 @torch.no_grad()
 def average_batchnorm_statistics(model: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over ranks (each rank saw only its own samples), so
