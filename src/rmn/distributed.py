@@ -1,6 +1,7 @@
 """Tiny helpers around ``torch.distributed`` so single-process code never has to ask twice."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -51,6 +52,8 @@ def init_from_env(device: str = "auto") -> torch.device | None:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # The group is ours, so is its teardown: also for library users who never reach the CLI's.
+        atexit.register(shutdown, clean=False)
     return torch.device("cuda", local) if use_cuda else torch.device("cpu")
 
 
