@@ -1,6 +1,6 @@
-"""CPU-scale studies on real Fashion-MNIST: does routing-by-memory beat its baseline at equal FLOPs, and
-can it train at the baseline's batch size? Every row: configs/fashion/base.yaml (eighth-width CIFAR-style
-ResNet-18, N=8, 10 epochs of which 4 plain), the same LR schedule; several seeds.
+"""CPU-scale studies on real data: does routing-by-memory beat its baseline at equal FLOPs, and can it
+train at the baseline's batch size? The Fashion-MNIST studies' rows: configs/fashion/base.yaml (eighth-width
+CIFAR-style ResNet-18, N=8, 10 epochs of which 4 plain), the same LR schedule; several seeds.
 
 ``--study reproduction`` (issue "Reproduction"; the paper's Tables 1/4 and supplementary, scaled down):
 baseline at batch 256, baseline + SE, baseline at 1024, RMN without CA and with CA at 1024 (256*N/2).
@@ -15,8 +15,14 @@ virtual batch of 1024, dead-procedure revival. The variants of one batch size an
 a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each variant continues with
 ``run.start_from`` (bit-identical to training step 1 in place; tests/test_recipe_start_from.py).
 
+``--study dead-procedures``: where the paper's EMA does let procedures die, does each variant keep them alive?
+On scikit-learn's digits (configs/digits/dead_procedures.yaml: N=16, batch 16, 4 plain + 10 routed epochs,
+about 2 minutes a run): every rule at batch 16 (sharing step 1 as above), the paper's EMA at batch 128 (8x,
+as the paper's 1024 is 8x its baseline's 128) and the baseline at batch 16.
+
     python benchmarks/fashion_study.py                       # reproduction rows x 3 seeds (resumable)
     python benchmarks/fashion_study.py --study small-batch --seeds 0
+    python benchmarks/fashion_study.py --study dead-procedures --seeds 0 1 2
     python benchmarks/fashion_study.py --seeds 0 --rows rmn_ca --epochs 2    # a quick look (its own files: rmn_ca-e2-seed0)
 
 Each run trains in runs/fashion_study/<row>/seed<k> (checkpoints, logs; resumable) and its summary.json is
@@ -55,21 +61,41 @@ VARIANTS = {  # rmn.memory's update rules; the paper's EMA first
     "accum": ("statistics over 1024 samples", {"model.memory_accumulate_steps": None}),  # None: 1024 // batch
     "revive": ("paper EMA + revival", {"model.revive_after": 20, "model.revive_threshold": 0.0}),
 }
-SMALL_BATCH = {
-    f"{v}_b{b}": (f"{label} (batch {b})", {"run.mode": "rmn", "data.batch_size": b, "model.attention": "none",
-                                         **{k: (1024 // b if x is None else x) for k, x in over.items()}})
-    for b in (128, 256) for v, (label, over) in VARIANTS.items()
-}
+
+
+def variants(suffix: str, batch: int, virtual: int, what: str = "") -> dict:
+    """Each memory rule at one batch size; ``virtual``: the samples the accumulating rule waits for."""
+    return {f"{v}_{suffix}": (f"{label.replace('1024', str(virtual))} ({what}batch {batch})",
+                              {"run.mode": "rmn", "data.batch_size": batch, "model.attention": "none",
+                               **{k: (virtual // batch if x is None else x) for k, x in over.items()}})
+            for v, (label, over) in VARIANTS.items()}
+
+
+SMALL_BATCH = {**variants("b128", 128, 1024), **variants("b256", 256, 1024)}
 INVESTIGATION = {  # why RMN trails its baseline here: one cause at a time
     "rmn_gs8": ("RMN N=8 without CA, procedure gradients x8 (batch 1024)",
                 {**REPRODUCTION["rmn"][1], "optim.procedure_grad_scale": 8.0}),
     "rmn_bnm": ("RMN N=8 without CA, BatchNorm matched at cloning (batch 1024)",
                 {**REPRODUCTION["rmn"][1], "model.match_batchnorm": True}),
 }
-STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION}
+DIGITS_VARIANTS = variants("d16", 16, 128, "digits, ")
+DEAD_PROCEDURES = {  # digits, N=16: a setting where the paper's EMA loses procedures
+    **DIGITS_VARIANTS,
+    "ema_d128": ("paper EMA (digits, batch 128)", {"run.mode": "rmn", "data.batch_size": 128}),
+    "baseline_d16": ("baseline (digits, batch 16)", {"run.mode": "baseline", "data.batch_size": 16}),
+}
+STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION,
+           "dead-procedures": DEAD_PROCEDURES}
 ROWS = {row: spec for study in STUDIES.values() for row, spec in study.items()}
-TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation"}
+TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation",
+          "dead-procedures": "dead_procedures"}
 REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn")}  # shown beside
+BASE_CONFIG = {row: ROOT / ("configs/digits/dead_procedures.yaml" if row in DEAD_PROCEDURES else "configs/fashion/base.yaml")
+               for row in ROWS}
+# rows continued from a shared step 1: row -> (the row whose config trains it, the stem's folder name)
+SHARED_STEM = {row: (f"ema_{row.split('_')[1]}", f"stem_{row.split('_')[1]}")
+               for row in [*SMALL_BATCH, *DIGITS_VARIANTS]}
+PROCEDURES = {"dead-procedures": 64}  # routed procedures of a run (4 stages x N); 32 otherwise
 
 
 def ensure_data() -> None:
@@ -93,19 +119,19 @@ def config(row: str, seed: int, epochs: int | None, threads: int, out_root: Path
     if epochs is not None:
         overrides["schedule.epochs"] = epochs
         overrides["schedule.stem_epochs"] = max(1, round(epochs * 0.4))
-    return load_config(ROOT / "configs/fashion/base.yaml", overrides)
+    return load_config(BASE_CONFIG[row], overrides)
 
 
 def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root: Path) -> Path:
-    """Step 1 of a small-batch row, trained once per batch size and seed (the variants share it)."""
-    batch = SMALL_BATCH[row][1]["data.batch_size"]
-    stem = tagged(f"stem_b{batch}", epochs)
+    """Step 1 of a variant row, trained once per batch size and seed (the variants share it)."""
+    stem_row, stem = SHARED_STEM[row]
+    stem = tagged(stem, epochs)
     # one config for the stem of every variant (they differ in routing options only, which step 1 ignores)
-    cfg = config(f"ema_b{batch}", seed, epochs, threads, out_root, **{"run.output": str(out_root / stem / f"seed{seed}"),
-                                                          "run.name": f"{stem}-seed{seed}", "run.keep_checkpoints": 1})
+    cfg = config(stem_row, seed, epochs, threads, out_root, **{"run.output": str(out_root / stem / f"seed{seed}"),
+                                                       "run.name": f"{stem}-seed{seed}", "run.keep_checkpoints": 1})
     run = Run.open(cfg, resume=True)
     if run.epoch < cfg.schedule.stem_epochs:
-        print(f"== step 1 at batch {batch}, seed {seed} (shared by the variants)", flush=True)
+        print(f"== step 1 of {stem}, seed {seed} (shared by the variants)", flush=True)
         train_stem(run)
     run.log.close()
     return cfg.output_dir()
@@ -128,7 +154,7 @@ def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Pat
     dest = results / f"{tagged(row, epochs)}-seed{seed}.json"
     if dest.exists():
         return json.loads(dest.read_text())
-    extra = {"run.start_from": str(shared_stem(row, seed, epochs, threads, out_root))} if row in SMALL_BATCH else {}
+    extra = {"run.start_from": str(shared_stem(row, seed, epochs, threads, out_root))} if row in SHARED_STEM else {}
     cfg = config(row, seed, epochs, threads, out_root, **extra)
     t0 = time.perf_counter()
     print(f"== {row} seed {seed}", flush=True)
@@ -145,8 +171,8 @@ def table(study: str, results: Path, epochs: int | None = None) -> str:
     """Mean and standard deviation over every seed on disk of each row of ``study``."""
     rows = {tagged(name, epochs): label for name, (label, _) in STUDIES[study].items()}
     refs = {tagged(name, epochs): REPRODUCTION[name][0] for name in REFERENCE_ROWS.get(study, ())}
-    revivals = study == "small-batch"
-    lines = ["| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean, of 32) |"
+    revivals = study in ("small-batch", "dead-procedures")
+    lines = [f"| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean, of {PROCEDURES.get(study, 32)}) |"
              + (" revivals (mean) |" if revivals else ""),
              "|---|---|---|---|---|---|" + ("---|" if revivals else "")]
     for name, label in {**refs, **rows}.items():
@@ -215,7 +241,8 @@ def main() -> None:
         (results / f"curves-{'-'.join(args.curves)}-seeds{''.join(map(str, args.seeds))}.md").write_text(text + "\n")
         return
     if not args.table_only:
-        ensure_data()
+        if any(BASE_CONFIG[row].parent.name == "fashion" for row in rows):
+            ensure_data()
         for seed in args.seeds:  # seeds outermost: a partial study still has every row
             for row in rows:
                 run_one(row, seed, args.epochs, args.threads, Path(args.runs), results)

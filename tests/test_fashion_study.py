@@ -36,6 +36,20 @@ def test_rows_differ_only_where_the_study_says(study, tmp_path):
         assert (cfg.optim, cfg.schedule, cfg.model.width_mult) == (base.optim, base.schedule, base.model.width_mult)
 
 
+def test_dead_procedure_rows_are_digits_at_n16_and_the_variants_share_step_one(study, tmp_path):
+    rows = study.STUDIES["dead-procedures"]
+    for row in rows:
+        cfg = study.config(row, 0, None, 1, tmp_path)
+        assert (cfg.data.dataset, cfg.model.num_procedures, cfg.model.attention, cfg.schedule.epochs) == ("digits", 16, "none", 14)
+        if row.startswith("accum"):  # the memories wait for the samples of one batch of the batch-128 row
+            assert cfg.model.memory_accumulate_steps * cfg.data.batch_size == rows["ema_d128"][1]["data.batch_size"]
+    shared = {row for row in rows if row in study.SHARED_STEM}
+    assert shared == {"ema_d16", "count_d16", "accum_d16", "revive_d16"}
+    assert {study.SHARED_STEM[row] for row in shared} == {("ema_d16", "stem_d16")}
+    assert study.SHARED_STEM["count_b128"] == ("ema_b128", "stem_b128")  # the Fashion stems keep their folders
+    assert "dead procedures (mean, of 64)" in study.table("dead-procedures", tmp_path)  # 4 stages x 16
+
+
 def _summary(kind, seed, top1, dead=0, revived=0):
     return {"kind": kind, "seed": seed, "eval_top1": top1, "dead_procedures": dead, "revived": revived,
             "params": 1_405_218, "macs_per_image": 7_423_232.0}
