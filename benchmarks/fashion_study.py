@@ -186,7 +186,7 @@ def table(study: str, results: Path, epochs: int | None = None) -> str:
         line = (f"| {label} | {seeds} | {statistics.mean(acc):.2f} ± {std:.2f} | {runs[0]['params'] / 1e6:.3f}M | "
                 f"{runs[0]['macs_per_image'] / 1e6:.2f}M | {dead} |")
         if revivals:
-            line += " - |" if name in refs else f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
+            line += " - |" if dead == "-" else f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
