@@ -140,7 +140,7 @@ def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root:
 def epoch_log(out: Path) -> dict:
     """Per-epoch training loss, test accuracy and dead procedures of a finished run, and its revivals."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = ("epoch", "phase", "train_loss", "eval_top1", "dead_procedures")
+    keys = ("epoch", "phase", "train_loss", "eval_top1", "dead_procedures", "revived")
 
     def smallest_share(r: dict) -> float | None:  # the least-loaded procedure of any stage: near-dead ones show here
         shares = [v for k, load in r.items() if k.startswith("load_stage") for v in load]

@@ -76,7 +76,8 @@ def test_epoch_log_keeps_the_curve_revivals_and_the_least_loaded_procedure(study
     log = study.epoch_log(tmp_path)
     assert log["revived"] == 2
     assert log["per_epoch"][0] == {"epoch": 1, "phase": "stem", "train_loss": 1.0, "eval_top1": 0.5,
-                                   "dead_procedures": None, "min_load_share": None}
+                                   "dead_procedures": None, "revived": None, "min_load_share": None}
+    assert log["per_epoch"][1]["revived"] == 2
     assert log["per_epoch"][1]["min_load_share"] == 0.01
 
 
