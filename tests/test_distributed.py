@@ -152,3 +152,24 @@ def test_torchrun_two_processes_resume_equals_uninterrupted(tmp_path):
 
     s = json.loads((full / "summary.json").read_text())
     assert s["eval_top1"] == json.loads((split / "summary.json").read_text())["eval_top1"]
+
+
+def test_the_cli_leaves_the_process_group_it_joined(tmp_path, monkeypatch):
+    """A gloo group still alive at interpreter exit can abort a finished rank ("terminate called without an
+    active exception"); the command must destroy it before returning, on success and on error."""
+    from rmn.cli import main
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        args = ["train-stem", str(REPO / "configs/demo.yaml"), *CFG, "--run.device", "cpu", "--schedule.stem_epochs", "1",
+                "--data.batch_size", "512", "--output", str(tmp_path / "run")]
+        assert main(args) == 0
+        assert not dist.is_initialized()
+        assert main([*args, "--optim.lr", "-1"]) == 2  # a config error after the group was joined
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
