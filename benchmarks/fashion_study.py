@@ -17,8 +17,8 @@ a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each varia
 
 ``--study dead-procedures``: where the paper's EMA does let procedures die, does each variant keep them alive?
 On scikit-learn's digits (configs/digits/dead_procedures.yaml: N=16, batch 16, 4 plain + 10 routed epochs,
-about 2 minutes a run): every rule at batch 16 (sharing step 1 as above), the paper's EMA at batch 128 (8x,
-as the paper's 1024 is 8x its baseline's 128) and the baseline at batch 16.
+about 2 minutes a run): every rule at batch 16 (sharing step 1 as above), the paper's EMA with and without
+revival at batch 128 (8x, as the paper's 1024 is 8x its baseline's 128) and the baseline at batch 16.
 
     python benchmarks/fashion_study.py                       # reproduction rows x 3 seeds (resumable)
     python benchmarks/fashion_study.py --study small-batch --seeds 0
@@ -82,6 +82,8 @@ DIGITS_VARIANTS = variants("d16", 16, 128, "digits, ")
 DEAD_PROCEDURES = {  # digits, N=16: a setting where the paper's EMA loses procedures
     **DIGITS_VARIANTS,
     "ema_d128": ("paper EMA (digits, batch 128)", {"run.mode": "rmn", "data.batch_size": 128}),
+    "revive_d128": ("paper EMA + revival (digits, batch 128)",
+                    {"run.mode": "rmn", "data.batch_size": 128, **VARIANTS["revive"][1]}),
     "baseline_d16": ("baseline (digits, batch 16)", {"run.mode": "baseline", "data.batch_size": 16}),
 }
 STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION,
