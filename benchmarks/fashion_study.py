@@ -71,7 +71,10 @@ def variants(suffix: str, batch: int, virtual: int, what: str = "") -> dict:
             for v, (label, over) in VARIANTS.items()}
 
 
-SMALL_BATCH = {**variants("b128", 128, 1024), **variants("b256", 256, 1024)}
+SMALL_BATCH = {**variants("b128", 128, 1024), **variants("b256", 256, 1024),
+               # both fixes beyond the paper at the baseline's batch: does RMN then reach its baseline?
+               "bnm_b256": ("paper EMA, BatchNorm matched at cloning (batch 256)",
+                            {**variants("b256", 256, 1024)["ema_b256"][1], "model.match_batchnorm": True})}
 INVESTIGATION = {  # why RMN trails its baseline here: one cause at a time
     "rmn_gs8": ("RMN N=8 without CA, procedure gradients x8 (batch 1024)",
                 {**REPRODUCTION["rmn"][1], "optim.procedure_grad_scale": 8.0}),

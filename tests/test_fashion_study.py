@@ -30,6 +30,7 @@ def test_rows_differ_only_where_the_study_says(study, tmp_path):
             assert cfg.model.memory_accumulate_steps == 1
         assert (cfg.model.memory_rule == "count_ema") == row.startswith("count")
         assert (cfg.model.revive_after > 0) == row.startswith("revive")
+        assert cfg.model.match_batchnorm == row.startswith("bnm")
     base = study.config("baseline", 0, None, 1, tmp_path)
     for row in study.REPRODUCTION:
         cfg = study.config(row, 0, None, 1, tmp_path)
