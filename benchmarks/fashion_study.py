@@ -80,6 +80,8 @@ INVESTIGATION = {  # why RMN trails its baseline here: one cause at a time
                 {**REPRODUCTION["rmn"][1], "optim.procedure_grad_scale": 8.0}),
     "rmn_bnm": ("RMN N=8 without CA, BatchNorm matched at cloning (batch 1024)",
                 {**REPRODUCTION["rmn"][1], "model.match_batchnorm": True}),
+    "rmn_ca_bnm": ("RMN N=8 with CA, BatchNorm matched at cloning (batch 1024)",
+                   {**REPRODUCTION["rmn_ca"][1], "model.match_batchnorm": True}),
 }
 DIGITS_VARIANTS = variants("d16", 16, 128, "digits, ")
 DEAD_PROCEDURES = {  # digits, N=16: a setting where the paper's EMA loses procedures
@@ -94,7 +96,7 @@ STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigat
 ROWS = {row: spec for study in STUDIES.values() for row, spec in study.items()}
 TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation",
           "dead-procedures": "dead_procedures"}
-REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn")}  # shown beside
+REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn", "rmn_ca")}  # shown beside
 BASE_CONFIG = {row: ROOT / ("configs/digits/dead_procedures.yaml" if row in DEAD_PROCEDURES else "configs/fashion/base.yaml")
                for row in ROWS}
 # rows continued from a shared step 1: row -> (the row whose config trains it, the stem's folder name)
