@@ -112,5 +112,6 @@ def main() -> None:
         {"stem": args.stem, "epoch": ckpt.meta["epoch"], "batch": args.batch, "batches": args.batches, "rows": rows}, indent=1))
     (out / f"clone_shift-{name}.md").write_text(text + "\n")
 
+
 if __name__ == "__main__":
     main()

@@ -58,23 +58,24 @@ REPRODUCTION = {
 VARIANTS = {  # rmn.memory's update rules; the paper's EMA first
     "ema": ("paper EMA", {}),
     "count": ("count-weighted EMA", {"model.memory_rule": "count_ema"}),
-    "accum": ("statistics over 1024 samples", {"model.memory_accumulate_steps": None}),  # None: 1024 // batch
+    "accum": ("statistics over {virtual} samples", {"model.memory_accumulate_steps": None}),  # None: virtual // batch
     "revive": ("paper EMA + revival", {"model.revive_after": 20, "model.revive_threshold": 0.0}),
 }
 
 
 def variants(suffix: str, batch: int, virtual: int, what: str = "") -> dict:
     """Each memory rule at one batch size; ``virtual``: the samples the accumulating rule waits for."""
-    return {f"{v}_{suffix}": (f"{label.replace('1024', str(virtual))} ({what}batch {batch})",
+    return {f"{v}_{suffix}": (f"{label.format(virtual=virtual)} ({what}batch {batch})",
                               {"run.mode": "rmn", "data.batch_size": batch, "model.attention": "none",
                                **{k: (virtual // batch if x is None else x) for k, x in over.items()}})
             for v, (label, over) in VARIANTS.items()}
 
 
-SMALL_BATCH = {**variants("b128", 128, 1024), **variants("b256", 256, 1024),
+B256 = variants("b256", 256, 1024)
+SMALL_BATCH = {**variants("b128", 128, 1024), **B256,
                # both fixes beyond the paper at the baseline's batch: does RMN then reach its baseline?
                "bnm_b256": ("paper EMA, BatchNorm matched at cloning (batch 256)",
-                            {**variants("b256", 256, 1024)["ema_b256"][1], "model.match_batchnorm": True})}
+                            {**B256["ema_b256"][1], "model.match_batchnorm": True})}
 INVESTIGATION = {  # why RMN trails its baseline here: one cause at a time
     "rmn_gs8": ("RMN N=8 without CA, procedure gradients x8 (batch 1024)",
                 {**REPRODUCTION["rmn"][1], "optim.procedure_grad_scale": 8.0}),
@@ -102,7 +103,12 @@ BASE_CONFIG = {row: ROOT / ("configs/digits/dead_procedures.yaml" if row in DEAD
 # rows continued from a shared step 1: row -> (the row whose config trains it, the stem's folder name)
 SHARED_STEM = {row: (f"ema_{row.split('_')[1]}", f"stem_{row.split('_')[1]}")
                for row in [*SMALL_BATCH, *DIGITS_VARIANTS]}
-PROCEDURES = {"dead-procedures": 64}  # routed procedures of a run (4 stages x N); 32 otherwise
+STAGES = 4  # routed stages of the CIFAR-style ResNet-18 every study uses
+
+
+def routed_procedures(study: str) -> int:
+    """Procedures a run of ``study`` routes to (every row of a study has its base config's N)."""
+    return STAGES * load_config(BASE_CONFIG[next(iter(STUDIES[study]))]).model.num_procedures
 
 
 def ensure_data() -> None:
@@ -179,7 +185,7 @@ def table(study: str, results: Path, epochs: int | None = None) -> str:
     rows = {tagged(name, epochs): label for name, (label, _) in STUDIES[study].items()}
     refs = {tagged(name, epochs): REPRODUCTION[name][0] for name in REFERENCE_ROWS.get(study, ())}
     revivals = study in ("small-batch", "dead-procedures")
-    lines = [f"| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean, of {PROCEDURES.get(study, 32)}) |"
+    lines = [f"| row | seeds | test top-1 % (mean ± std) | params | MACs / image | dead procedures (mean, of {routed_procedures(study)}) |"
              + (" revivals (mean) |" if revivals else ""),
              "|---|---|---|---|---|---|" + ("---|" if revivals else "")]
     for name, label in {**refs, **rows}.items():
@@ -188,12 +194,13 @@ def table(study: str, results: Path, epochs: int | None = None) -> str:
             continue
         acc = [100 * r["eval_top1"] for r in runs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        dead = "-" if runs[0]["kind"] == "baseline" else f"{statistics.mean(r['dead_procedures'] for r in runs):.1f}"
+        baseline = runs[0]["kind"] == "baseline"
+        dead = "-" if baseline else f"{statistics.mean(r['dead_procedures'] for r in runs):.1f}"
         seeds = ",".join(str(r["seed"]) for r in runs)
         line = (f"| {label} | {seeds} | {statistics.mean(acc):.2f} ± {std:.2f} | {runs[0]['params'] / 1e6:.3f}M | "
                 f"{runs[0]['macs_per_image'] / 1e6:.2f}M | {dead} |")
         if revivals:
-            line += " - |" if dead == "-" else f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
+            line += " - |" if baseline else f" {statistics.mean(r.get('revived', 0) for r in runs):.1f} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -248,7 +255,7 @@ def main() -> None:
         (results / f"curves-{'-'.join(args.curves)}-seeds{''.join(map(str, args.seeds))}.md").write_text(text + "\n")
         return
     if not args.table_only:
-        if any(BASE_CONFIG[row].parent.name == "fashion" for row in rows):
+        if any(load_config(BASE_CONFIG[row]).data.dataset == "fashion-mnist" for row in rows):
             ensure_data()
         for seed in args.seeds:  # seeds outermost: a partial study still has every row
             for row in rows:

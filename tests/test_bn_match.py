@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from rmn import RoutedNetwork
-from rmn.memory import nearest
 from rmn.bn_match import match_batchnorm
 from rmn.kmeans import kmeans
+from rmn.memory import nearest
 from tests.conftest import toy_backbone
 
 

@@ -40,9 +40,9 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
 
     ``batches`` are input images (the un-augmented training set, as step 3 uses); samples are
     assigned to clusters by the memories, so call this once they are initialised. The statistics
-    come from a training-mode pass of the plain network (procedure 0 of every stage, Conditional Attention
-    fed the memories' routes, on a copy: the model's running statistics are not touched by the pass) and are summed over all processes under
-    torch.distributed. A procedure whose cluster got fewer than ``min_samples`` samples, and layers
+    come from a training-mode pass of the plain network (procedure 0 of every stage, Conditional
+    Attention fed the memories' routes, on a copy: the model's running statistics are not touched by
+    the pass) and are summed over all processes under torch.distributed. A procedure whose cluster got fewer than ``min_samples`` samples, and layers
     without affine parameters, are left as they are. Returns the number of layers matched.
     """
     routed = [i for i, s in enumerate(model.stages) if s.memory is not None]
@@ -70,13 +70,13 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
     try:
         for x in batches:
             h = plain.stem(x)
-            for i, stage in enumerate(plain.stages):
+            for stage in plain.stages:
+                route = None
                 if stage.memory is not None:
-                    routes["now"] = nearest(h.mean(dim=(2, 3)), stage.memory.memories)
-                y = stage.procedures[0](h)  # the plain network: every sample through the same weights
+                    route = routes["now"] = nearest(h.mean(dim=(2, 3)), stage.memory.memories)
+                h = stage.procedures[0](h)  # the plain network: every sample through the same weights
                 if stage.attention is not None:  # Conditional Attention gets the routes the routed network will use
-                    y = stage.attention(y, routes["now"] if stage.memory is not None else None)
-                h = y
+                    h = stage.attention(h, route)
     finally:
         for hook in hooks:
             hook.remove()
