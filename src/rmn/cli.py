@@ -3,6 +3,7 @@ analysis commands. It only parses and calls; the work lives in :mod:`rmn.recipe`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -182,5 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown(clean)
 
 
+def entry() -> None:
+    """The ``rmn`` command and ``python -m rmn``. A torchrun worker leaves with ``os._exit`` once its work is
+    saved and its process group destroyed: a finished rank was still seen to abort in C++ teardown at
+    interpreter exit ("terminate called without an active exception"), which torchrun reports as a failed job."""
+    code = main()
+    if distributed.launched_by_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
