@@ -23,6 +23,12 @@ SHORT_FLAGS = {
     "--seed": "run.seed",
     "--device": "run.device",
     "--output": "run.output",
+    "--amp": "run.amp",
+}
+# switches without a value (timm's --channels-last, --torchcompile)
+SWITCHES = {
+    "--channels-last": ("run.channels_last", "NHWC weights and activations (run.channels_last true)"),
+    "--compile": ("run.compile", "torch.compile the network's parts (run.compile true)"),
 }
 
 STEP_HELP = {
@@ -39,6 +45,8 @@ def _add_run_options(p: argparse.ArgumentParser, config_required: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output folder")
     for flag, key in SHORT_FLAGS.items():
         p.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"sets {key}")
+    for flag, (key, text) in SWITCHES.items():
+        p.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=text)
     p.epilog = "Any config key can be set as --section.key VALUE, e.g. --optim.warmup_epochs 2 --model.attention se"
 
 
@@ -53,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None, help="dataset root, if it moved since training")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default float32)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     p.set_defaults(func=_eval_command)
     from .analysis.cli import register
     from .recipe.evaluate import model_for_atlas, model_spec
@@ -65,7 +75,8 @@ def parse_overrides(args: argparse.Namespace, extra: list[str]) -> dict:
     """Collect --section.key VALUE pairs (known flags and the free-form rest)."""
     from .recipe.config import ConfigError, parse_override_value
 
-    overrides = {k: parse_override_value(v) for k, v in vars(args).items() if "." in k and v is not None}
+    overrides = {k: parse_override_value(v) if isinstance(v, str) else v
+                 for k, v in vars(args).items() if "." in k and v is not None}
     i = 0
     while i < len(extra):
         item = extra[i]
@@ -130,7 +141,8 @@ def _eval_command(args, extra) -> int:
         raise ValueError(f"unrecognised argument {extra[0]!r}")
     from .recipe.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_dir)
+    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_dir, amp=args.amp,
+                                 channels_last=args.channels_last)
     for k, v in result.items():
         print(f"{k}: {v}")
     return 0

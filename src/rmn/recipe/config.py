@@ -97,6 +97,11 @@ class RunConfig:
     progress: str = "auto"  # "auto" (bar on a terminal, lines otherwise), "bar", "lines", "none"
     tensorboard: bool = True
     sync_bn: bool = False
+    # Arithmetic (rmn.precision), for training, evaluation and every feature pass. Routing, memories and
+    # k-means stay float32 whatever is chosen here.
+    amp: str = "none"  # "none" (float32), "bf16" (autocast to bfloat16), "fp16" (float16 + gradient scaler)
+    channels_last: bool = False  # NHWC weights and activations (what fast convolution kernels want)
+    compile: bool = False  # torch.compile each routed procedure, the stem and the head
     atlas: bool = True  # after an RMN run, draw each memory's nearest evaluation images (<output>/atlas)
     # Step 1 done elsewhere: a run folder or checkpoint file of the same plain network (a baseline or
     # a stem run, at or before schedule.stem_epochs); a fresh run continues from it instead of epoch 0.
@@ -141,6 +146,7 @@ class Config:
             (o.lr > 0, "optim.lr must be > 0"),
             (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
+            (r.amp in ("none", "bf16", "fp16"), f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
             (r.progress in ("auto", "bar", "lines", "none"), "run.progress must be 'auto', 'bar', 'lines' or 'none'"),
             (r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),

@@ -28,7 +28,11 @@ def load_model(path: str | Path, device: str = "cpu"):
     return model, cfg, ckpt
 
 
-def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str | None = None) -> dict:
+def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str | None = None, amp: str = "none",
+                        channels_last: bool = False) -> dict:
+    """Top-1/top-5 of a checkpoint on its evaluation split, in the precision asked for (``--amp``,
+    ``--channels-last``: a model trained in float32 can be evaluated in bf16 and vice versa)."""
+    from ..precision import Precision
     from .steps import Run, evaluate
 
     model, cfg, ckpt = load_model(path, device)
@@ -38,7 +42,9 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str |
     data = build.build_data(cfg)
     dev = build.resolve_device(device)
     loaders = build.build_loaders(cfg, data, dev)
-    run = Run(cfg, Path(ckpt.path).parent, dev, data, model, None, ckpt.meta["phase"], loaders=loaders)
+    precision = Precision(amp, channels_last, dev.type)
+    run = Run(cfg, Path(ckpt.path).parent, dev, data, precision.model(model), None, ckpt.meta["phase"], loaders=loaders,
+              precision=precision)
     result = {"checkpoint": str(ckpt.path), "phase": ckpt.meta["phase"], "epoch": ckpt.meta["epoch"]}
     result.update(evaluate(run))
     return result

@@ -39,9 +39,10 @@ def write_atlas(run: Run) -> dict:
     """Each memory's nearest evaluation images, heat maps and load charts, in ``<output>/atlas``."""
     from ..analysis.cli import atlas_command
 
-    paths = atlas_command(run.model, run.data.eval, run.out / "atlas", top_k=8, max_images=1024,
-                          image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
-                          title=run.cfg.run.name)
+    with run.precision.autocast():  # the features the run's own routing saw
+        paths = atlas_command(run.model, run.data.eval, run.out / "atlas", top_k=8, max_images=1024,
+                              image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
+                              title=run.cfg.run.name)
     run.say(f"[atlas] {run.out / 'atlas' / 'atlas.html'}")
     return paths
 
