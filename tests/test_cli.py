@@ -15,6 +15,7 @@ import yaml
 
 from rmn.cli import main
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
+from rmn.recipe.config import ConfigError, load_config
 
 CONFIG = {  # 6 epochs of 11 steps on digits at 8x8; a whole run is a few seconds on one thread
     "model": {"backbone": "resnet18", "width_mult": 0.125, "num_procedures": 3, "routed_stages": [0, 1, 2]},
@@ -159,27 +160,63 @@ def test_eval_prints_the_final_top1(reference, capsys):
         assert printed["phase"] == "routed" and printed["epoch"] == "6"
 
 
-def test_mode_both_writes_the_comparison(config_file, tmp_path, capsys):
-    out = tmp_path / "both"
+def plain_backbone_params(config_file: Path, **overrides) -> int:
+    from rmn.data import dataset_spec
+    from rmn.recipe.build import build_backbone
+    from rmn.recipe.config import load_config
+
+    cfg = load_config(config_file, overrides)
+    return sum(p.numel() for p in build_backbone(cfg, dataset_spec(cfg.data.dataset), cfg.data.image_size).parameters())
+
+
+def test_mode_both_writes_the_comparison_against_the_plain_network(config_file, tmp_path, capsys):
+    out = tmp_path / "both"  # the RMN uses CA (the config's default); the baseline must not
     assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
                  "--stem-epochs", "1"]) == 0
     printed = capsys.readouterr().out
     base, rmn = read_summary(out / "baseline"), read_summary(out / "rmn")
     assert (base["kind"], rmn["kind"]) == ("baseline", "rmn")
+    assert (base["attention"], rmn["attention"]) == ("none", "ca")
+    assert base["params"] == plain_backbone_params(config_file)  # the paper's baseline: the plain network
     assert base["params"] < rmn["params"] and base["routing"] == {} and set(rmn["routing"]) >= {"load_stage0"}
     lines = (out / "comparison.txt").read_text().splitlines()
     assert len(lines) == 4 and set(lines[1]) == {"-"}
-    assert lines[2].startswith("baseline resnet18") and lines[3].startswith("rmn resnet18 N=3 ca")
-    assert lines[2].split()[2] == f"{100 * base['eval_top1']:.2f}"
+    assert lines[2].split()[:3] == ["baseline", "resnet18", f"{100 * base['eval_top1']:.2f}"]
+    assert lines[3].startswith("rmn resnet18 N=3 ca")
     assert lines[3].split()[4] == f"{100 * rmn['eval_top1']:.2f}"
     assert "s0:[" in lines[3] and "s3:" not in lines[3]  # the load of each routed stage (stage 3 unrouted)
     assert "\n".join(lines) in printed
     assert [s["kind"] for s in json.loads((out / "comparison.json").read_text())] == ["baseline", "rmn"]
-    # the baseline is the stem network on the same schedule: its first epoch is the RMN's stem epoch
+
+
+def test_mode_both_baseline_is_the_rmn_step_1_without_attention(config_file, tmp_path, capsys):
+    """Without attention the baseline's first epoch is the RMN's stem epoch, to the last digit."""
+    out = tmp_path / "plain"
+    assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
+                 "--stem-epochs", "1", "--model.attention", "none"]) == 0
     strip = ("phase", "seq", "images_per_s", "epoch_seconds")
     first = [{k: v for k, v in json.loads((out / kind / "metrics.jsonl").read_text().splitlines()[0]).items()
               if k not in strip} for kind in ("baseline", "rmn")]
     assert first[0] == first[1]
+
+
+def test_mode_both_se_baseline_is_its_own_row(config_file, monkeypatch, tmp_path):
+    from rmn.recipe import runner
+
+    seen = []
+
+    def fake_run_steps(cfg, resume=False, baseline=False):
+        seen.append((cfg.run.mode, cfg.model.attention, baseline))
+        return {"kind": cfg.run.mode, "backbone": "resnet18", "num_procedures": 3, "attention": cfg.model.attention,
+                "eval_top1": 0.5, "eval_top5": 1.0, "params": 1, "macs_per_image": 1, "dead_procedures": 0, "routing": {}}
+
+    monkeypatch.setattr(runner, "run_steps", fake_run_steps)
+    cfg = load_config(config_file, {"run.mode": "both", "run.baseline_attention": "se", "run.output": str(tmp_path)})
+    runner.run_experiment(cfg)
+    assert seen == [("baseline", "se", True), ("rmn", "ca", False)]
+    assert (tmp_path / "comparison.txt").read_text().splitlines()[2].startswith("baseline resnet18 +SE ")
+    with pytest.raises(ConfigError, match="run.baseline_attention"):
+        load_config(config_file, {"run.baseline_attention": "ca"})
 
 
 # -- kill -9 ---------------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ class ScheduleConfig:
 class RunConfig:
     name: str = "run"
     mode: str = "rmn"  # "rmn" (the four steps), "baseline" (same schedule, no cloning), "both"
+    # The baseline of mode "both": "none" = the plain network (the paper's baseline), "se" = plain + SE
+    # (the paper's "+SE" row); model.attention applies to the RMN only.
+    baseline_attention: str = "none"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     output: Optional[str] = None  # default runs/<name>
@@ -142,6 +145,8 @@ class Config:
             (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
+            (r.baseline_attention in ("none", "se"),
+             f"run.baseline_attention must be 'none' or 'se', got {r.baseline_attention!r}"),
             (r.progress in ("auto", "bar", "lines", "none"), "run.progress must be 'auto', 'bar', 'lines' or 'none'"),
             (r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
             (r.eval_every >= 1, "run.eval_every must be >= 1"),
