@@ -1,8 +1,11 @@
 """The ``rmn`` command: errors, overrides, single steps, eval, mode both, and kill -9 then --resume."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,7 +75,10 @@ def reference(config_file, tmp_path_factory) -> Path:
     (["run", "{cfg}", "--optim.lr"], "--optim.lr needs a value"),
     (["run", "{cfg}", "--run.mode", "fast"], "run.mode"),
     (["run", "{cfg}", "--stem-epochs", "99"], "schedule.stem_epochs"),
-    (["run", "{bad_yaml}"], "not valid YAML"),
+    (["run", "{bad_yaml}"], "not valid YAML: expected ',' or '}', but got '<stream end>' at line 2, column 1 "
+                            "(while parsing a flow mapping started at line 1, column 8)"),
+    (["run", "{bad_indent}"], "not valid YAML: mapping values are not allowed here at line 3, column 16"),
+    (["train-stem", "{cfg}", "--run.mode", "both"], "add --run.mode rmn"),
     (["run", "{bad_section}"], "modle"),
     (["run", "{bad_key}"], "model.procedures"),
     (["train-stem"], "give a CONFIG"),
@@ -87,7 +93,9 @@ def test_errors_are_one_line_with_exit_code_2(args, needle, config_file, tmp_pat
         "bad_yaml": tmp_path / "bad.yaml",
         "bad_section": tmp_path / "section.yaml",
         "bad_key": tmp_path / "key.yaml",
+        "bad_indent": tmp_path / "indent.yaml",
     }
+    files["bad_indent"].write_text("model:\n  backbone: vgg16\n  attention: ca: 1\n")
     files["bad_yaml"].write_text("model: {backbone: resnet18\n")
     files["bad_section"].write_text("modle:\n  backbone: resnet18\n")
     files["bad_key"].write_text("model:\n  procedures: 4\n")
@@ -150,14 +158,58 @@ def test_run_refuses_an_existing_output_and_resumes_a_finished_run_as_a_no_op(re
     assert without_timing(read_summary(reference)) == without_timing(before)
 
 
-def test_eval_prints_the_final_top1(reference, capsys):
+def test_eval_prints_the_final_top1_in_percent(reference, capsys):
     summary = read_summary(reference)
     for target in (reference, list_checkpoints(reference / "checkpoints")[-1]):
         assert main(["eval", str(target), "--device", "cpu"]) == 0
         printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
-        assert float(printed["eval_top1"]) == summary["eval_top1"]
-        assert float(printed["eval_top5"]) == summary["eval_top5"]
+        assert printed["top-1"] == f"{100 * summary['eval_top1']:.2f}%"
+        assert printed["top-5"] == f"{100 * summary['eval_top5']:.2f}%"
         assert printed["phase"] == "routed" and printed["epoch"] == "6"
+        assert len(printed["evaluation load, stage 0"].split()) == CONFIG["model"]["num_procedures"]
+
+
+def test_eval_of_a_mode_both_folder_evaluates_both_models(both_run, capsys):
+    out, _ = both_run
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for kind in ("baseline", "rmn"):
+        section = printed.split(f"== {kind} ({out / kind})\n", 1)[1].split("==", 1)[0]
+        lines = dict(line.split(": ", 1) for line in section.strip().splitlines())
+        assert lines["top-1"] == f"{100 * read_summary(out / kind)['eval_top1']:.2f}%"
+        assert lines["phase"] == kind if kind == "baseline" else lines["phase"] == "routed"
+
+
+def test_atlas_writes_into_the_run_and_takes_data_dir(both_run, tmp_path, monkeypatch, capsys):
+    out, _ = both_run
+    shutil.rmtree(out / "rmn" / "atlas", ignore_errors=True)  # drawn by the run itself; draw it again
+    monkeypatch.chdir(tmp_path)
+    assert main(["atlas", str(out), "--max-images", "64", "--top-k", "2", "--data-dir", str(tmp_path)]) == 0
+    assert (out / "rmn" / "atlas" / "atlas.html").is_file()  # a both folder: its RMN, into that run's folder
+    assert not (tmp_path / "atlas").exists()
+    assert main(["atlas", str(out / "rmn"), "--max-images", "32", "--top-k", "1", "--data-root", str(tmp_path),
+                 "--out", "elsewhere"]) == 0  # the old spelling still works
+    assert (tmp_path / "elsewhere" / "atlas.html").is_file()
+
+
+def test_version_and_summary_usage_errors(capsys):
+    import rmn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rmn {rmn.__version__}"
+    assert main(["summary", "--model", "resnet18"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rmn: error: ") and "--num-classes" in err and len(err.splitlines()) == 1
+
+
+def test_no_user_facing_text_names_an_internal_issue():
+    import rmn
+
+    src = Path(rmn.__file__).parent
+    hits = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "issue" in line.lower()]
+    assert not hits, hits
 
 
 def plain_backbone_params(config_file: Path, **overrides) -> int:
@@ -169,11 +221,19 @@ def plain_backbone_params(config_file: Path, **overrides) -> int:
     return sum(p.numel() for p in build_backbone(cfg, dataset_spec(cfg.data.dataset), cfg.data.image_size).parameters())
 
 
-def test_mode_both_writes_the_comparison_against_the_plain_network(config_file, tmp_path, capsys):
-    out = tmp_path / "both"  # the RMN uses CA (the config's default); the baseline must not
-    assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
-                 "--stem-epochs", "1"]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def both_run(config_file, tmp_path_factory) -> tuple[Path, str]:
+    """A short ``run.mode: both`` run (the RMN with CA, the config's default) and what it printed."""
+    out = tmp_path_factory.mktemp("both")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
+                     "--stem-epochs", "1"]) == 0
+    return out, printed.getvalue()
+
+
+def test_mode_both_writes_the_comparison_against_the_plain_network(config_file, both_run):
+    out, printed = both_run  # the RMN uses CA; the baseline must not
     base, rmn = read_summary(out / "baseline"), read_summary(out / "rmn")
     assert (base["kind"], rmn["kind"]) == ("baseline", "rmn")
     assert (base["attention"], rmn["attention"]) == ("none", "ca")

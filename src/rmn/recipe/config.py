@@ -225,7 +225,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML: {yaml_error_text(e)}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         try:
@@ -238,6 +238,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"override '{dotted}' must look like section.key")
         cfg = from_dict({section: {key: value}}, cfg)
     return cfg.validate()
+
+
+def yaml_error_text(e: yaml.YAMLError) -> str:
+    """What a YAML error says, with where (1-based line and column), in one line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    text = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" started at line {where.line + 1}, column {where.column + 1})" if where else ")")
+    return text
 
 
 def parse_override_value(text: str) -> Any:
