@@ -180,6 +180,14 @@ def test_eval_of_a_mode_both_folder_evaluates_both_models(both_run, capsys):
         assert lines["phase"] == kind if kind == "baseline" else lines["phase"] == "routed"
 
 
+def test_step_commands_and_summary_on_a_mode_both_folder(both_run, capsys):
+    out, _ = both_run
+    assert main(["train-routed", "--output", str(out)]) == 2
+    assert f"its RMN run is --output {out / 'rmn'}" in capsys.readouterr().err
+    assert main(["summary", str(out)]) == 0  # the folder's RMN
+    assert "N = 3" in capsys.readouterr().out
+
+
 def test_atlas_writes_into_the_run_and_takes_data_dir(both_run, tmp_path, monkeypatch, capsys):
     out, _ = both_run
     shutil.rmtree(out / "rmn" / "atlas", ignore_errors=True)  # drawn by the run itself; draw it again

@@ -100,6 +100,8 @@ def _config_for(args, overrides):
         if out is None:
             raise ConfigError("give a CONFIG file, or --output of an existing run")
         path = Path(out) / "config.yaml"
+        if not path.is_file() and (Path(out) / "rmn" / "config.yaml").is_file():
+            raise ConfigError(f"{out} holds a run.mode both comparison; its RMN run is --output {Path(out) / 'rmn'}")
         if not path.is_file():
             raise ConfigError(f"{out} holds no run (no config.yaml); give a CONFIG file to start one")
     return load_config(path, overrides)
