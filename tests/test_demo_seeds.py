@@ -2,7 +2,6 @@
 (checked against hand-computed numbers), and a seed with a result is not trained again."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo_seeds():
-    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "benchmarks" / "demo_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def demo_seeds(load_benchmark):
+    return load_benchmark("demo_seeds")
 
 
 def summary(kind: str, top1: float, seconds: float) -> dict:
