@@ -51,14 +51,17 @@ def _add_run_options(p: argparse.ArgumentParser, config_required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="rmn", description="Routing-by-Memory Networks (Neural Routing by Memory, NeurIPS 2021)")
+    parser.add_argument("--version", action="version", version=f"rmn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STEP_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         _add_run_options(p, config_required=name in ("run",))
         p.set_defaults(func=_run_command)
     p = sub.add_parser("eval", help="evaluate a checkpoint (file or run folder) on the evaluation split")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder (a run.mode both folder: both models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None, help="dataset root, if it moved since training")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default float32)")
@@ -108,6 +111,8 @@ def _config_for(args, overrides):
         if out is None:
             raise ConfigError("give a CONFIG file, or --output of an existing run")
         path = Path(out) / "config.yaml"
+        if not path.is_file() and (Path(out) / "rmn" / "config.yaml").is_file():
+            raise ConfigError(f"{out} holds a run.mode both comparison; its RMN run is --output {Path(out) / 'rmn'}")
         if not path.is_file():
             raise ConfigError(f"{out} holds no run (no config.yaml); give a CONFIG file to start one")
     return load_config(path, overrides)
@@ -123,7 +128,8 @@ def _run_command(args, extra) -> int:
         run_experiment(cfg, resume=args.resume)
         return 0
     if cfg.run.mode == "both":
-        raise steps.RecipeError("single steps need run.mode rmn (a 'both' config is only for 'rmn run')")
+        raise steps.RecipeError(f"single steps need run.mode rmn, and {args.config or 'the config'} says 'both' "
+                                "(only 'rmn run' takes it): add --run.mode rmn")
     # Single steps always continue the run in the output folder when there is one.
     run = steps.Run.open(cfg, resume=True)
     step = {"train-stem": steps.train_stem, "clone": steps.clone, "init-memory": steps.init_memory,
@@ -139,12 +145,15 @@ def _run_command(args, extra) -> int:
 def _eval_command(args, extra) -> int:
     if extra:
         raise ValueError(f"unrecognised argument {extra[0]!r}")
-    from .recipe.evaluate import evaluate_checkpoint
+    from .recipe.evaluate import evaluate_checkpoint, evaluation_targets, result_lines
 
-    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_dir, amp=args.amp,
-                                 channels_last=args.channels_last)
-    for k, v in result.items():
-        print(f"{k}: {v}")
+    targets = evaluation_targets(args.checkpoint)
+    for kind, path in targets:
+        if kind is not None:
+            print(f"== {kind} ({path})")
+        result = evaluate_checkpoint(path, device=args.device, data_root=args.data_dir, amp=args.amp,
+                                     channels_last=args.channels_last)
+        print("\n".join(result_lines(result)), flush=True)
     return 0
 
 
