@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,6 +30,14 @@ import torch
 from torch import nn
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# oneDNN (torch's CPU convolutions) caches one compiled kernel per layer shape *and batch size*. A
+# routed stage hands its procedures slices whose sizes change every step, so an RMN needs many
+# more entries than the 1,024 oneDNN keeps by default; past that, kernels are evicted and compiled
+# again, which made an RMN training step up to 1.5x slower (BENCHMARKS.md). oneDNN reads this once,
+# before its first convolution, so it is set when rmn is imported; a value the user set wins.
+ONEDNN_CACHE_CAPACITY = "16384"
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
 
 
 @contextlib.contextmanager
