@@ -55,7 +55,10 @@ def float32_only(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         t = next((a for a in args if torch.is_tensor(a)), None)
-        with float32(t.device.type if t is not None else "cpu"):
+        device_type = t.device.type if t is not None else "cpu"
+        if not torch.is_autocast_enabled(device_type):  # the common case, on the batch-1 path: no context
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
     return wrapper
 
