@@ -47,8 +47,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 MODELS = {  # name: (width_mult, image size, channels, classes)
     "fashion": (0.125, 28, 1, 10),
     "cifar-quarter": (0.25, 32, 3, 100),
+    "cifar-full": (1.0, 32, 3, 100),  # the paper's CIFAR-100 network (benchmarks/gpu_check.py)
 }
-PRECISIONS = {"fp32": Precision("none", False), "bf16": Precision("bf16", False), "bf16-cl": Precision("bf16", True)}
+PRECISIONS = {"fp32": ("none", False), "bf16": ("bf16", False), "bf16-cl": ("bf16", True)}
 
 
 def calibration_images(model: str, n: int) -> tuple[torch.Tensor, str]:
@@ -82,12 +83,14 @@ def settle_batchnorm(net: torch.nn.Module, x: torch.Tensor, batch: int) -> None:
         m.momentum = 0.1
 
 
-def build_pair(model: str, num_procedures: int, attention: str | None, calib: torch.Tensor, batch: int):
+def build_pair(model: str, num_procedures: int, attention: str | None, calib: torch.Tensor, batch: int,
+               device: torch.device | str = "cpu"):
     """Baseline (the plain network) and its RMN with memories set by k-means on the stage features."""
     width, size, channels, classes = MODELS[model]
     torch.manual_seed(0)
     bb = create_backbone("resnet18", num_classes=classes, image_size=size, in_channels=channels, width_mult=width)
-    base = RoutedNetwork.from_backbone(bb, num_procedures, attention=attention, routed_stages=())
+    base = RoutedNetwork.from_backbone(bb, num_procedures, attention=attention, routed_stages=()).to(device)
+    calib = calib.to(device)
     settle_batchnorm(base, calib, batch)
     rmn = RoutedNetwork.from_backbone(copy.deepcopy(base), num_procedures, attention=attention)
     # memories from the features of the mode timed: procedures' BatchNorm sees slice statistics in training
@@ -130,15 +133,19 @@ def eval_fn(net, precision: Precision, x: torch.Tensor, batch: int):
     return forward, net
 
 
-def measure(model: str, threads: int, args) -> dict:
+def measure(model: str, threads: int, args, log=print) -> dict:
+    """Both timings of one model at one thread count; ``args`` as parsed by :func:`parser` (``args.device``)."""
     torch.set_num_threads(threads)
+    device = torch.device(args.device)
     calib, source = calibration_images(model, 4 * args.batch)
-    pair = build_pair(model, args.procedures, None if args.attention == "none" else args.attention, calib, args.batch)
-    x, y = calib, torch.randint(MODELS[model][3], (calib.shape[0],), generator=torch.Generator().manual_seed(1))
+    calib = calib.to(device)
+    pair = build_pair(model, args.procedures, None if args.attention == "none" else args.attention, calib, args.batch,
+                      device)
+    x, y = calib, torch.randint(MODELS[model][3], (calib.shape[0],), generator=torch.Generator().manual_seed(1)).to(device)
     loads = {mode: [[round(c / max(sum(row), 1), 3) for c in row]
                     for row in measure_route_counts(pair[net], x[: args.batch], train=mode == "train")]
              for mode, net in (("train", "rmn"), ("eval", "rmn_eval"))}
-    precisions = {k: p for k, p in PRECISIONS.items() if k in args.precisions}
+    precisions = {k: Precision(*PRECISIONS[k], device.type) for k in args.precisions}
     out = {"model": model, "threads": threads, "batch": args.batch, "routes_from": source, "loads": loads}
     for kind in ("train", "eval"):
         fns = {}
@@ -152,7 +159,8 @@ def measure(model: str, threads: int, args) -> dict:
                     fns[f"{net_name}/{pname}{'+compile' if compiled else ''}"] = fn
         cpu: dict[str, list[float]] = {}
         t0 = time.perf_counter()
-        wall = interleaved_times(fns, repeats=args.rounds, warmup=args.warmup, inner=args.inner, cpu=cpu)
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        wall = interleaved_times(fns, repeats=args.rounds, warmup=args.warmup, inner=args.inner, sync=sync, cpu=cpu)
         med = {k: {"wall_ms": 1000 * statistics.median(v), "cpu_ms": 1000 * statistics.median(cpu[k])} for k, v in wall.items()}
         ratios = {}
         for key in med:
@@ -165,7 +173,7 @@ def measure(model: str, threads: int, args) -> dict:
             if key.startswith("rmn/") and pname != "fp32" and "rmn/fp32" in med:
                 ratios[f"rmn fp32/{pname} (speed-up)"] = {m: med["rmn/fp32"][m] / med[key][m] for m in ("wall_ms", "cpu_ms")}
         out[kind] = {"median": med, "ratios": ratios, "seconds": time.perf_counter() - t0}
-        print(format_block(model, threads, kind, out[kind]), flush=True)
+        log(format_block(model, threads, kind, out[kind]))
     return out
 
 
@@ -178,7 +186,7 @@ def format_block(model: str, threads: int, kind: str, block: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
@@ -190,8 +198,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--inner", type=int, default=2, help="calls per timed block")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd variants (slow to warm up on CPU)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                           "cpu_count": torch.get_num_threads()},
               "args": vars(args), "runs": []}
