@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..analysis.routing import load_stats
 from ..bn_match import match_batchnorm
-from ..kmeans import kmeans
+from ..features import init_memories
 from ..network import RoutedNetwork, clone_optimizer
 from ..precision import FLOAT32, Precision, compile_parts, uncompile
 from ..syncbn import convert_sync_batchnorm
@@ -388,47 +388,23 @@ def clone(run: Run) -> Run:
     return run
 
 
-def collect_stage_features(run: Run) -> list[torch.Tensor]:
-    """One eval pass of the stem network over the un-augmented training set: every stage's GAP'd input."""
-    model = run.model
-    model.eval()
-    feats: list[list[torch.Tensor]] = [[] for _ in model.stages]
-    with torch.no_grad():
-        for x, _ in run.loaders[2]:
-            with run.precision.autocast():
-                batch_feats = model.stage_inputs(run.precision.batch(x), as_stem=True)
-            for i, f in enumerate(batch_feats):
-                feats[i].append(f)
-    return [torch.cat(f) for f in feats]
-
-
 def init_memory(run: Run) -> Run:
-    """Step 3: k-means (k = N) on each routed stage's input features; the centres become memories."""
+    """Step 3: k-means (k = N) on each routed stage's input features over the un-augmented training
+    set; the centres become memories (:func:`rmn.init_memories`, with the run's k-means settings)."""
     if run.phase != "cloned":
         if run.phase == "stem":
             raise RecipeError("the network is not cloned yet; run clone first")
         return run
-    t0 = time.perf_counter()
-    feats = collect_stage_features(run)
-    t1 = time.perf_counter()
-    sizes = {}
-    cap = run.cfg.run.kmeans_max_samples
-    if cap:  # under torch.distributed each rank clusters its share of the cap
-        cap = max(1, cap // distributed.world_size())
+    cfg = run.cfg.run
+    done = init_memories(run.model, run.loaders[2], iters=cfg.kmeans_iters, seed=cfg.kmeans_seed,
+                         max_samples=cfg.kmeans_max_samples, precision=run.precision)
     for i, bank in enumerate(run.model.memory_banks()):
-        if bank is None:
-            continue
-        x = feats[i]
-        if cap and x.shape[0] > cap:
-            g = torch.Generator().manual_seed(run.cfg.run.kmeans_seed)
-            x = x[torch.randperm(x.shape[0], generator=g)[:cap].to(x.device)]
-        res = kmeans(x, bank.num_memories, max_iter=run.cfg.run.kmeans_iters, seed=run.cfg.run.kmeans_seed)
-        bank.set_memories(res.centers)
-        sizes[f"stage{i}"] = res.counts.tolist()
-        run.say(f"[init-memory] stage {i}: {int(res.counts.sum())} features of dim {x.shape[1]}, cluster sizes {res.counts.tolist()}")
+        if bank is not None:
+            sizes = done.cluster_sizes[f"stage{i}"]
+            run.say(f"[init-memory] stage {i}: {sum(sizes)} features of dim {bank.dim}, cluster sizes {sizes}")
     t2 = time.perf_counter()
-    run.extra["cluster_sizes"] = sizes
-    run.extra["init_memory_seconds"] = {"features": t1 - t0, "kmeans": t2 - t1}
+    run.extra["cluster_sizes"] = done.cluster_sizes
+    run.extra["init_memory_seconds"] = dict(done.seconds)
     if run.cfg.model.match_batchnorm:
         with run.precision.autocast():
             matched = match_batchnorm(run.model, (run.precision.batch(x) for x, _ in run.loaders[2]))
