@@ -151,3 +151,4 @@ def test_the_readme_python_api_runs_as_written(monkeypatch):
     assert all(r.unique().numel() > 1 for r in net.last_routes)
     exec(compile("train(net, opt, loader)" + tail, "README.md", "exec"), ns)
     assert all(not torch.equal(a, b.memories) for a, b in zip(before, net.memory_banks()))
+
