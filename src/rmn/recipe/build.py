@@ -21,12 +21,25 @@ class Data:
     image_size: int
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "run.device") -> torch.device:
+    """``name`` as a torch device this machine has; anything else is a one-line ValueError naming ``option``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but CUDA is not available on this machine (use cpu or auto)")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option}={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option}={name!r} but CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{option}={name!r} but Apple's MPS backend is not available on this machine (use cpu or auto)")
+    elif dev.type != "cpu":
+        raise ValueError(f"{option}={name!r}: rmn runs on cpu, cuda or mps, not {dev.type}")
     return dev
 
 
