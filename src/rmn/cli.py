@@ -36,7 +36,7 @@ STEP_HELP = {
 
 def _add_run_options(p: argparse.ArgumentParser, config_required: bool) -> None:
     p.add_argument("config", nargs=None if config_required else "?", help="YAML config (configs/*.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output folder")
+    p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in the output folder; with a larger --epochs, extend the run")
     for flag, key in SHORT_FLAGS.items():
         p.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"sets {key}")
     p.epilog = "Any config key can be set as --section.key VALUE, e.g. --optim.warmup_epochs 2 --model.attention se"
