@@ -71,6 +71,7 @@ def reference(config_file, tmp_path_factory) -> Path:
     (["run", "{cfg}", "--optim.lr"], "--optim.lr needs a value"),
     (["run", "{cfg}", "--run.mode", "fast"], "run.mode"),
     (["run", "{cfg}", "--stem-epochs", "99"], "schedule.stem_epochs"),
+    (["run", "{cfg}", "--model.routed_stages", "[7]"], "model.routed_stages=[7] out of range: resnet18 has 4 stages"),
     (["run", "{bad_yaml}"], "not valid YAML"),
     (["run", "{bad_section}"], "modle"),
     (["run", "{bad_key}"], "model.procedures"),

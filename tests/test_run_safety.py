@@ -272,6 +272,14 @@ def test_bad_devices_are_one_line(device, needle, config_file, finished, tmp_pat
     assert code == 2 and needle.replace("run.device", "--device") in one_line_error(err)
 
 
+def test_an_output_that_is_a_file_is_refused_before_training(config_file, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    code, said, err = run(["run", str(config_file), "--output", str(taken)], capsys)
+    assert code == 2 and said == "" and f"run.output={taken} exists and is not a folder" in one_line_error(err)
+    assert taken.read_text() == "mine"
+
+
 def test_bad_checkpoints_are_one_line(finished, tmp_path, capsys):
     """A resnet18 header over vgg16 tensors, an empty file, a text file, a file without the run's metadata."""
     newest = load_checkpoint(list_checkpoints(finished / "checkpoints")[-1])

@@ -8,6 +8,7 @@ import torch
 from .. import data as rdata
 from ..backbones import create_backbone
 from ..network import RoutedNetwork
+from .checkpoint import Checkpoint, CheckpointError, load_model_state
 from .config import Config
 
 ROUTED_PHASES = ("cloned", "memory", "routed")
@@ -97,6 +98,18 @@ def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> RoutedNe
     """The network with the structure of ``phase`` (randomly initialised; load weights after)."""
     stem = build_stem_network(cfg, data_spec, image_size)
     return clone_network(cfg, stem) if phase in ROUTED_PHASES else stem
+
+
+def model_from_checkpoint(cfg: Config, data_spec, image_size: int, ckpt: Checkpoint, device, phase: str | None = None) -> RoutedNetwork:
+    """The network of ``phase`` (default: ``ckpt``'s) with ``ckpt``'s weights; a config that builds no model, or tensors that do
+    not fit it, is a one-line CheckpointError naming the file."""
+    try:
+        model = build_model(cfg, data_spec, image_size, phase or ckpt.meta["phase"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: its stored config builds no model ({e})") from None
+    model = model.to(device)
+    load_model_state(model, ckpt)
+    return model
 
 
 def optimizer_kind(cfg: Config) -> str:

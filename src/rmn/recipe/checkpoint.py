@@ -328,7 +328,7 @@ def load_model_state(model: torch.nn.Module, ckpt: Checkpoint) -> None:
                  f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(got[shapes[0]].shape)} for "
                  f"{tuple(want[shapes[0]].shape)})" if shapes else ""]
         raise _bad(ckpt.path, f"its tensors do not fit the {cfg.get('backbone', '?')} model its header describes "
-                              f"(phase {ckpt.meta.get('phase')!r}): " + ", ".join(x for x in parts if x) + " weights")
+                              f"(phase {ckpt.meta.get('phase')!r}); weights " + ", ".join(x for x in parts if x))
     model.load_state_dict(got)
 
 

@@ -6,8 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from . import build
-from .checkpoint import (CheckpointError, checkpoint_config, describe_skipped, load_checkpoint, load_model_state,
-                         newest_checkpoint)
+from .checkpoint import CheckpointError, checkpoint_config, describe_skipped, load_checkpoint, newest_checkpoint
 
 
 def load_model(path: str | Path, device: str = "cpu", say=None):
@@ -32,8 +31,7 @@ def load_model(path: str | Path, device: str = "cpu", say=None):
     if not isinstance(shape, dict) or not {"num_classes", "in_channels", "image_size"} <= set(shape):
         raise CheckpointError(f"{ckpt.path}: rmn metadata lacks data_shape (num_classes, in_channels, image_size)")
     spec = SimpleNamespace(num_classes=shape["num_classes"], in_channels=shape["in_channels"])
-    model = build.build_model(cfg, spec, shape["image_size"], ckpt.meta["phase"]).to(dev)
-    load_model_state(model, ckpt)
+    model = build.model_from_checkpoint(cfg, spec, shape["image_size"], ckpt, dev)
     model.eval()
     return model, cfg, ckpt
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..network import RoutedNetwork, clone_optimizer
 from ..syncbn import convert_sync_batchnorm
 from . import build
 from .checkpoint import (PHASES, Checkpoint, CheckpointError, checkpoint_config, describe_skipped, latest_checkpoint,
-                         load_checkpoint, load_model_state, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
+                         load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
 from .config import Config, ConfigError, ScheduleConfig
 from .logs import RunClock, RunLog, Throughput, progress, progress_mode
 from .schedule import lr_at
@@ -84,6 +85,7 @@ class Run:
         device = distributed.init_from_env(cfg.run.device) or local
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        _check_output(out)
         ckpt, skipped = newest_checkpoint(out / "checkpoints", device)
         _check_found(out, ckpt, skipped, resume)
         if ckpt is None and cfg.run.start_from:
@@ -101,6 +103,7 @@ class Run:
             torch.manual_seed(cfg.run.seed)
             phase = "baseline" if (baseline if baseline is not None else cfg.run.mode == "baseline") else "stem"
             model = build.build_stem_network(cfg, data.spec, data.image_size).to(device)
+            _check_routed_stages(cfg, model)
             return cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase)._ready()
         m = ckpt.meta
         run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, m["phase"], device), m["phase"],
@@ -132,6 +135,7 @@ class Run:
         m = ckpt.meta
         run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, "stem", device), phase, m["epoch"], m["step"], 0,
                   {"started_from": f"{ckpt.path} (epoch {m['epoch']})"})
+        _check_routed_stages(cfg, run.model)
         run._ready()
         run.say(f"[start] epochs 1-{m['epoch']} taken from {ckpt.path} ({m['phase']} run)")
         run.save()  # the copy is this run's own: resuming no longer needs run.start_from's files
@@ -141,7 +145,10 @@ class Run:
         self.wrap()
         self.loaders = build.build_loaders(self.cfg, self.data, self.device, distributed.rank(), distributed.world_size())
         if distributed.rank() == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"run.output={self.out}: cannot create it ({e.strerror})") from None
             (self.out / "config.yaml").write_text(self.cfg.to_yaml())
         self.log = RunLog(self.out, self.seq, self.cfg.run.tensorboard, enabled=distributed.rank() == 0)
         return self
@@ -182,6 +189,24 @@ def _first_difference(saved: Config, given: Config, ignore: set[tuple[str, str]]
             if (section, key) not in ignore and getattr(b, key) != value:
                 return f"{section}.{key}={getattr(b, key)!r} differs from {value!r}"
     return None
+
+
+def _check_output(out: Path) -> None:
+    """run.output must be a folder, or a path one can create: said before any training, not after."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output={out} exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output={out}: cannot write in {parent}")
+
+
+def _check_routed_stages(cfg: Config, model: RoutedNetwork) -> None:
+    """model.routed_stages is checked before step 1, not when step 2 meets it epochs later."""
+    n, wanted = len(model.stages), cfg.model.routed_stages
+    if wanted is not None and any(not 0 <= i < n for i in wanted):
+        raise ConfigError(f"model.routed_stages={wanted} out of range: {cfg.model.backbone} has {n} stages (0..{n - 1})")
 
 
 def _check_found(out: Path, ckpt: Checkpoint | None, skipped: list, resume: bool) -> None:
@@ -233,8 +258,7 @@ def _schedule_change(run: Run, old: ScheduleConfig) -> str:
 
 def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device: torch.device):
     """Model (with ``phase``'s structure) and optimizer from ``ckpt``; the random state too."""
-    model = build.build_model(cfg, data.spec, data.image_size, phase).to(device)
-    load_model_state(model, ckpt)
+    model = build.model_from_checkpoint(cfg, data.spec, data.image_size, ckpt, device, phase)
     optimizer = build.build_optimizer(cfg, model)
     if ckpt.optimizer_state is not None:
         try:
