@@ -2,14 +2,14 @@
 train at the baseline's batch size? The Fashion-MNIST studies' rows: configs/fashion/base.yaml (eighth-width
 CIFAR-style ResNet-18, N=8, 10 epochs of which 4 plain), the same LR schedule; several seeds.
 
-``--study reproduction`` (issue "Reproduction"; the paper's Tables 1/4 and supplementary, scaled down):
+``--study reproduction`` (REPRODUCTION.md, "CPU-scale study"; the paper's Tables 1/4 and supplementary, scaled down):
 baseline at batch 256, baseline + SE, baseline at 1024, RMN without CA and with CA at 1024 (256*N/2).
 
 ``--study investigation``: RMN at 1024 with one change each, to test a cause of its gap to the baseline:
 procedures' gradients scaled by N (optim.procedure_grad_scale; do they learn too slowly?) and BatchNorm
 matched to the clusters at cloning (model.match_batchnorm; is the first routed epoch lost to the clone shift?).
 
-``--study small-batch`` (issue "Beyond the paper"): RMN without CA at batch 128 and 256 with the
+``--study small-batch`` (REPRODUCTION.md, "Beyond the paper"): RMN without CA at batch 128 and 256 with the
 paper's memory EMA and each variant of rmn.memory: count-weighted EMA, statistics accumulated to a
 virtual batch of 1024, dead-procedure revival. The variants of one batch size and seed share step 1:
 a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each variant continues with
