@@ -15,6 +15,9 @@ virtual batch of 1024, dead-procedure revival. The variants of one batch size an
 a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each variant continues with
 ``run.start_from`` (bit-identical to training step 1 in place; tests/test_recipe_start_from.py).
 
+``--study precision``: the reproduction's baseline (batch 256) and RMN without CA (batch 1024) trained with
+``run.amp: bf16`` and ``run.channels_last``, beside their float32 rows: is bf16 accuracy-neutral here?
+
 ``--study dead-procedures``: where the paper's EMA does let procedures die, does each variant keep them alive?
 On scikit-learn's digits (configs/digits/dead_procedures.yaml: N=16, batch 16, 4 plain + 10 routed epochs,
 about 2 minutes a run): every rule at batch 16 (sharing step 1 as above), the paper's EMA with and without
@@ -92,12 +95,17 @@ DEAD_PROCEDURES = {  # digits, N=16: a setting where the paper's EMA loses proce
                     {"run.mode": "rmn", "data.batch_size": 128, **VARIANTS["revive"][1]}),
     "baseline_d16": ("baseline (digits, batch 16)", {"run.mode": "baseline", "data.batch_size": 16}),
 }
-STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION,
+PRECISION = {  # mixed precision (run.amp): do the reproduction's baseline and RMN rows keep their accuracy in bf16?
+    f"{row}_bf16": (f"{REPRODUCTION[row][0]}, bf16 + channels_last",
+                    {**REPRODUCTION[row][1], "run.amp": "bf16", "run.channels_last": True})
+    for row in ("baseline", "rmn")}
+STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION, "precision": PRECISION,
            "dead-procedures": DEAD_PROCEDURES}
 ROWS = {row: spec for study in STUDIES.values() for row, spec in study.items()}
-TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation",
+TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation", "precision": "precision",
           "dead-procedures": "dead_procedures"}
-REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn", "rmn_ca")}  # shown beside
+REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn", "rmn_ca"),
+                  "precision": ("baseline", "rmn")}  # shown beside
 BASE_CONFIG = {row: ROOT / ("configs/digits/dead_procedures.yaml" if row in DEAD_PROCEDURES else "configs/fashion/base.yaml")
                for row in ROWS}
 # rows continued from a shared step 1: row -> (the row whose config trains it, the stem's folder name)

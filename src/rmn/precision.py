@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,6 +30,14 @@ import torch
 from torch import nn
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# oneDNN (torch's CPU convolutions) caches one compiled kernel per layer shape *and batch size*. A
+# routed stage hands its procedures slices whose sizes change every step, so an RMN needs many
+# more entries than the 1,024 oneDNN keeps by default; past that, kernels are evicted and compiled
+# again, which made an RMN training step up to 1.5x slower (BENCHMARKS.md). oneDNN reads this once,
+# before its first convolution, so it is set when rmn is imported; a value the user set wins.
+ONEDNN_CACHE_CAPACITY = "16384"
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
 
 
 @contextlib.contextmanager
@@ -46,7 +55,10 @@ def float32_only(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         t = next((a for a in args if torch.is_tensor(a)), None)
-        with float32(t.device.type if t is not None else "cpu"):
+        device_type = t.device.type if t is not None else "cpu"
+        if not torch.is_autocast_enabled(device_type):  # the common case, on the batch-1 path: no context
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
     return wrapper
 
