@@ -133,7 +133,7 @@ def eval_fn(net, precision: Precision, x: torch.Tensor, batch: int):
     return forward, net
 
 
-def measure(model: str, threads: int, args, log=print) -> dict:
+def measure(model: str, threads: int, args, log=lambda text: print(text, flush=True)) -> dict:
     """Both timings of one model at one thread count; ``args`` as parsed by :func:`parser` (``args.device``)."""
     torch.set_num_threads(threads)
     device = torch.device(args.device)
@@ -188,7 +188,7 @@ def format_block(model: str, threads: int, kind: str, block: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=["fashion", "cifar-quarter"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     ap.add_argument("--procedures", type=int, default=8)

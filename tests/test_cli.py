@@ -75,6 +75,7 @@ def reference(config_file, tmp_path_factory) -> Path:
     (["run", "{cfg}", "--optim.lr"], "--optim.lr needs a value"),
     (["run", "{cfg}", "--run.mode", "fast"], "run.mode"),
     (["run", "{cfg}", "--stem-epochs", "99"], "schedule.stem_epochs"),
+    (["run", "{cfg}", "--model.routed_stages", "[7]"], "model.routed_stages=[7] out of range: resnet18 has 4 stages"),
     (["run", "{bad_yaml}"], "not valid YAML: expected ',' or '}', but got '<stream end>' at line 2, column 1 "
                             "(while parsing a flow mapping started at line 1, column 8)"),
     (["run", "{bad_indent}"], "not valid YAML: mapping values are not allowed here at line 3, column 16"),
