@@ -13,7 +13,7 @@ from rmn.attention import ConditionalAttention
 from rmn.cli import build_parser, parse_overrides
 from rmn.dispatch import dispatch, memory_format
 from rmn.memory import MemoryBank, nearest, stage_feature
-from rmn.precision import Precision, compile_parts, float32, uncompile
+from rmn.precision import Precision, compile_parts, float32_only, uncompile
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError
 from rmn.recipe.runner import run_steps
@@ -71,13 +71,15 @@ def test_kmeans_ignores_autocast():
     assert torch.equal(got.centers, want.centers) and torch.equal(got.counts, want.counts)
 
 
-def test_float32_context_restores_autocast():
+def test_float32_only_turns_autocast_off_inside_and_restores_it():
+    seen = []
+    probe = float32_only(lambda x: seen.append(torch.is_autocast_enabled("cpu")) or (x @ x).dtype)
+    x = torch.randn(3, 3)
     with BF16():
-        with float32("cpu"):
-            assert not torch.is_autocast_enabled("cpu")
-        assert torch.is_autocast_enabled("cpu")
-    with float32("cpu"):
-        assert not torch.is_autocast_enabled("cpu")
+        assert probe(x) == torch.float32
+        assert torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.bfloat16
+    assert probe(x) == torch.float32
+    assert seen == [False, False]
 
 
 @pytest.mark.parametrize("case", ["spread", "one_route", "batch_one"])

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from rmn.cli import main
 from rmn.data.loader import TensorLoader
 from rmn.recipe import build
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rmn.recipe.config import load_config
+
+from conftest import write_config
 
 CONFIG = {
     "model": {"backbone": "resnet18", "width_mult": 0.125, "num_procedures": 3, "routed_stages": [0, 1, 2]},
@@ -36,9 +37,7 @@ TIMING = ("images_per_s", "epoch_seconds")
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("cfg") / "safety.yaml"
-    p.write_text(yaml.safe_dump(CONFIG))
-    return p
+    return write_config(tmp_path_factory, "safety.yaml", CONFIG)
 
 
 @pytest.fixture(scope="module")
