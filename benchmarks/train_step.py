@@ -146,6 +146,14 @@ def measure(model: str, threads: int, args, log=lambda text: print(text, flush=T
                     for row in measure_route_counts(pair[net], x[: args.batch], train=mode == "train")]
              for mode, net in (("train", "rmn"), ("eval", "rmn_eval"))}
     precisions = {k: Precision(*PRECISIONS[k], device.type) for k in args.precisions}
+    refused = []
+    for k, p in list(precisions.items()):
+        try:  # what rmn refuses to train (channels_last on several CPU threads crashes in torch) is not timed
+            p.check_training(threads)
+        except ValueError:
+            refused.append(precisions.pop(k).amp + " + channels_last")
+    if refused:
+        log(f"({model}, {threads} threads: not timed: {', '.join(refused)}; see Precision.check_training)")
     out = {"model": model, "threads": threads, "batch": args.batch, "routes_from": source, "loads": loads}
     for kind in ("train", "eval"):
         fns = {}

@@ -219,3 +219,22 @@ def test_compiled_parts_equal_eager_and_uncompile_makes_copies_safe(toy):
         clone.head[-1].bias.fill_(1.0)
         assert torch.equal(clone(x), torch.ones_like(want))  # runs its own weights, not the source's
         assert torch.equal(compiled(x), got)
+
+
+def test_channels_last_training_on_several_cpu_threads_is_refused(tmp_path):
+    """Precision.check_training: torch 2.13 crashes on this machine (AMD EPYC) with
+    ``Conv2d(8, 16, 1, stride=2)`` in channels_last, 2 threads, batch 3-13, backward (BENCHMARKS.md has the
+    reproducer); a run that would hit it is refused before anything is written."""
+    Precision("none", True, "cpu").check_training(1)
+    Precision("bf16", False, "cpu").check_training(2)
+    Precision("bf16", True, "cuda").check_training(8)
+    with pytest.raises(ValueError, match="run.threads 1"):
+        Precision("bf16", True, "cpu").check_training(2)
+    from rmn.recipe.steps import RecipeError, Run
+
+    try:
+        with pytest.raises(RecipeError, match="channels_last on CPU with 2 threads"):
+            Run.open(tiny_cfg(tmp_path / "x", **{"run.channels_last": True, "run.threads": 2}), resume=False)
+    finally:
+        torch.set_num_threads(1)
+    assert not (tmp_path / "x").exists()

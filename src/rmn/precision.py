@@ -84,6 +84,16 @@ class Precision:
             model.to(memory_format=torch.channels_last)
         return model
 
+    def check_training(self, threads: int) -> None:
+        """Refuse what crashes: on CPU, torch's backward of a 1x1 stride-2 convolution (ResNet's
+        downsampling shortcut) in channels_last with more than one thread corrupts the heap for batches
+        below 16 (torch 2.13; seen as 'double free or corruption' or a segfault). Routed slices are
+        that small, so an RMN hits it within steps (BENCHMARKS.md has the reproducer)."""
+        if self.channels_last and self.device_type == "cpu" and threads > 1:
+            raise ValueError(
+                f"run.channels_last on CPU with {threads} threads: torch's channels_last convolution backward "
+                "corrupts memory there on small routed slices; set run.threads 1 (--run.threads 1) or drop --channels-last")
+
     def scaler(self) -> torch.amp.GradScaler:
         """A gradient scaler: active for fp16 only (bf16 has float32's exponent range)."""
         return torch.amp.GradScaler(self.device_type, enabled=self.amp == "fp16")

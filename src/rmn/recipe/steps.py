@@ -88,6 +88,10 @@ class Run:
         device = distributed.init_from_env(cfg.run.device) or local
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        try:
+            Precision(cfg.run.amp, cfg.run.channels_last, device.type).check_training(torch.get_num_threads())
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         _check_output(out)
         ckpt, skipped = newest_checkpoint(out / "checkpoints", device)
         _check_found(out, ckpt, skipped, resume)
