@@ -15,8 +15,8 @@ and memory statistics are float64 sums of float32 features.
 
 ``run.compile`` (``--compile``) compiles the parts of a network that run on whole tensors (stem,
 head, every procedure) with ``torch.compile``, leaving the routing between them eager: slice sizes
-change every step, which a compiled graph would have to guard on. It pays on GPUs; on the CPUs we
-measured it was slower than eager (BENCHMARKS.md).
+change every step, which a compiled graph would have to guard on. It is meant for GPUs: on the
+project's CPU it was slower than eager in every case timed (BENCHMARKS.md).
 """
 from __future__ import annotations
 

@@ -1,0 +1,68 @@
+"""What a routed stage pays for running its batch in slices: one conv + BatchNorm + ReLU block, forward and
+backward, on one batch of 256 vs on 8 slices of 32 (what N = 8 procedures see), per layer shape of the
+Fashion study's network (eighth-width ResNet-18 at 28x28), in float32 and bf16 + channels_last.
+
+    .venv/bin/python benchmarks/slice_cost.py [--threads 1] [--reps 20]
+
+The ratio is CPU time of the 8 slices over the one batch, interleaved, median of ``--rounds`` rounds. Above 1 is
+the kernels' own per-call and small-batch cost, which no dispatch code can remove: it is why an RMN of this
+small network trains slower than its baseline on a CPU (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+SHAPES = ((8, 28), (16, 14), (32, 7), (64, 4))  # (channels, side) of the four stages
+
+
+def block_time(block: nn.Module, xs: list[torch.Tensor], bf16: bool, reps: int) -> float:
+    """CPU seconds of forward + backward over every tensor of ``xs``, per repetition."""
+    def once():
+        for x in xs:
+            x = x.detach().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = block(x)
+            y.float().sum().backward()
+    once()
+    t0 = time.process_time()
+    for _ in range(reps):
+        once()
+    return (time.process_time() - t0) / reps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--slices", type=int, default=8)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"| layer | precision | batch {args.batch} ms | {args.slices} x {args.batch // args.slices} ms | ratio |")
+    print("|---|---|---|---|---|")
+    for precision in ("float32", "bf16 + channels_last"):
+        bf16 = precision != "float32"
+        fmt = torch.channels_last if bf16 else torch.contiguous_format
+        for c, side in SHAPES:
+            block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+            block = block.to(memory_format=fmt)
+            x = torch.randn(args.batch, c, side, side).contiguous(memory_format=fmt)
+            whole, sliced = [x], list(x.split(args.batch // args.slices))
+            a, b = [], []
+            for _ in range(args.rounds):  # interleaved
+                a.append(block_time(block, whole, bf16, args.reps))
+                b.append(block_time(block, sliced, bf16, args.reps))
+            ta, tb = statistics.median(a), statistics.median(b)
+            print(f"| {c} ch, {side}x{side} | {precision} | {1e3 * ta:.2f} | {1e3 * tb:.2f} | {tb / ta:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
