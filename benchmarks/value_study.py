@@ -260,12 +260,16 @@ def draw(summary: list[dict]) -> list[Path]:
             acc.plot(epochs, t, marker=".", label=name)
             loss.plot(epochs, l, marker=".", label=name)
             low += t[len(t) // 3:]
+        clones = {load_config(ROOT / r["config"]).schedule.stem_epochs for r in rows if r["kind"] == "rmn"}
+        for e in clones:  # where the RMN rows clone and start routing
+            for ax in (acc, loss):
+                ax.axvline(e + 0.5, color="grey", linestyle=":", linewidth=1)
         acc.set_ylim(max(min(low) - 1, 0), None)
         acc.set(xlabel="epoch", ylabel="test top-1 %", title="test accuracy")
         loss.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
         for ax in (acc, loss):
             ax.grid(alpha=0.3)
-        acc.legend(fontsize=7)
+        acc.legend(fontsize=7, title="dotted: RMN rows clone" if clones else None, title_fontsize=7)
         fig.suptitle(f"Value study: {PARTS[part]}", fontsize=10)
         fig.tight_layout()
         DOCS.mkdir(exist_ok=True)
@@ -275,11 +279,13 @@ def draw(summary: list[dict]) -> list[Path]:
     return written
 
 
-def reproduction_block(text: str) -> str:
-    """The text between the value-study markers of REPRODUCTION.md."""
+def split_reproduction(text: str) -> tuple[str, str, str]:
+    """REPRODUCTION.md as (up to and with BEGIN, the generated block, from END on)."""
     if BEGIN not in text or END not in text:
         raise SystemExit(f"REPRODUCTION.md: the markers {BEGIN!r} / {END!r} are missing")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    head, rest = text.split(BEGIN, 1)
+    block, tail = rest.split(END, 1)
+    return head + BEGIN, block.strip("\n"), END + tail
 
 
 def collect(source: Path | None) -> list[dict]:
@@ -295,9 +301,8 @@ def collect(source: Path | None) -> list[dict]:
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     draw(summary)
     doc = ROOT / "REPRODUCTION.md"
-    text = doc.read_text()
-    old = reproduction_block(text)
-    doc.write_text(text.replace(f"{BEGIN}\n{old}\n{END}", f"{BEGIN}\n{render(summary)}\n{END}"))
+    head, _, tail = split_reproduction(doc.read_text())
+    doc.write_text(f"{head}\n{render(summary)}\n{tail}")
     print(table(summary))
     return summary
 
