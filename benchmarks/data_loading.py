@@ -5,7 +5,7 @@
 * image files: generated JPEG trees in the real Tiny ImageNet layout (64x64, pad-crop + flip) and an
   ImageNet layout (~500x375, random-resized-crop 224 + flip), Pillow decoding with 0 and 2 workers.
 * training: forward+backward+SGD step of a width-16 ResNet-18 (``width_mult=0.25``) on 32x32 inputs,
-  the issue's yardstick (the in-memory pipeline must be >= 10x faster); skipped if the backbone is absent.
+  the project's yardstick (the in-memory pipeline must be >= 10x faster); skipped if the backbone is absent.
 
 Each figure is the median over several timed passes after a warm-up pass. Run:
 ``.venv/bin/python benchmarks/data_loading.py [--quick] [--device cuda]``; writes

@@ -1,4 +1,4 @@
-"""Routed-dispatch overhead (issue 2): RMN N=8 (uniform and skewed routes) over the plain ResNet-18,
+"""Routed-dispatch overhead: RMN N=8 (uniform and skewed routes) over the plain ResNet-18,
 eval and train step at CIFAR size batch 256, and eval latency at 224x224 batch 1, interleaved.
 
     .venv/bin/python benchmarks/dispatch.py                # full run -> benchmarks/results/dispatch.json

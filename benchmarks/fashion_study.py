@@ -2,18 +2,21 @@
 train at the baseline's batch size? The Fashion-MNIST studies' rows: configs/fashion/base.yaml (eighth-width
 CIFAR-style ResNet-18, N=8, 10 epochs of which 4 plain), the same LR schedule; several seeds.
 
-``--study reproduction`` (issue "Reproduction"; the paper's Tables 1/4 and supplementary, scaled down):
+``--study reproduction`` (REPRODUCTION.md, "CPU-scale study"; the paper's Tables 1/4 and supplementary, scaled down):
 baseline at batch 256, baseline + SE, baseline at 1024, RMN without CA and with CA at 1024 (256*N/2).
 
 ``--study investigation``: RMN at 1024 with one change each, to test a cause of its gap to the baseline:
 procedures' gradients scaled by N (optim.procedure_grad_scale; do they learn too slowly?) and BatchNorm
 matched to the clusters at cloning (model.match_batchnorm; is the first routed epoch lost to the clone shift?).
 
-``--study small-batch`` (issue "Beyond the paper"): RMN without CA at batch 128 and 256 with the
+``--study small-batch`` (REPRODUCTION.md, "Beyond the paper"): RMN without CA at batch 128 and 256 with the
 paper's memory EMA and each variant of rmn.memory: count-weighted EMA, statistics accumulated to a
 virtual batch of 1024, dead-procedure revival. The variants of one batch size and seed share step 1:
 a stem run (runs/fashion_study/stem_b<B>/seed<k>) trained once, which each variant continues with
 ``run.start_from`` (bit-identical to training step 1 in place; tests/test_recipe_start_from.py).
+
+``--study precision``: the reproduction's baseline (batch 256) and RMN without CA (batch 1024) trained with
+``run.amp: bf16`` and ``run.channels_last``, beside their float32 rows: is bf16 accuracy-neutral here?
 
 ``--study dead-procedures``: where the paper's EMA does let procedures die, does each variant keep them alive?
 On scikit-learn's digits (configs/digits/dead_procedures.yaml: N=16, batch 16, 4 plain + 10 routed epochs,
@@ -89,12 +92,17 @@ DEAD_PROCEDURES = {  # digits, N=16: a setting where the paper's EMA loses proce
                     {"run.mode": "rmn", "data.batch_size": 128, **VARIANTS["revive"][1]}),
     "baseline_d16": ("baseline (digits, batch 16)", {"run.mode": "baseline", "data.batch_size": 16}),
 }
-STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION,
+PRECISION = {  # mixed precision (run.amp): do the reproduction's baseline and RMN rows keep their accuracy in bf16?
+    f"{row}_bf16": (f"{REPRODUCTION[row][0]}, bf16 + channels_last",
+                    {**REPRODUCTION[row][1], "run.amp": "bf16", "run.channels_last": True})
+    for row in ("baseline", "rmn")}
+STUDIES = {"reproduction": REPRODUCTION, "small-batch": SMALL_BATCH, "investigation": INVESTIGATION, "precision": PRECISION,
            "dead-procedures": DEAD_PROCEDURES}
 ROWS = {row: spec for study in STUDIES.values() for row, spec in study.items()}
-TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation",
+TABLES = {"reproduction": "table", "small-batch": "small_batch", "investigation": "investigation", "precision": "precision",
           "dead-procedures": "dead_procedures"}
-REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn", "rmn_ca")}  # shown beside
+REFERENCE_ROWS = {"small-batch": ("baseline", "rmn"), "investigation": ("baseline_1024", "rmn", "rmn_ca"),
+                  "precision": ("baseline", "rmn")}  # shown beside
 BASE_CONFIG = {row: ROOT / ("configs/digits/dead_procedures.yaml" if row in DEAD_PROCEDURES else "configs/fashion/base.yaml")
                for row in ROWS}
 # rows continued from a shared step 1: row -> (the row whose config trains it, the stem's folder name)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/init_memory.py [--backbone vgg16] [--image-size 32] [--n 50000] [--procedures 8]
                                                [--width-mult 1] [--batch 512] [--threads T] [--check-n 2000]
 
-Issue 3 bounds ``init_memory`` at 1.2x one evaluation pass over the training set, for 50,000 samples
+The project bounds ``init_memory`` at 1.2x one evaluation pass over the training set, for 50,000 samples
 whose routed features include 512-dim ones, with k = 8. Default setting: VGG-16-BN (a backbone of the
 paper; its stage inputs are 64-, 128-, 256- and 512-dim) at CIFAR size, 32x32, every stage routed, N = k = 8,
 on 50,000 CIFAR-shaped images held in memory (random pixels: the cost of a pass does not depend on

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,3 +28,17 @@ def toy_backbone(in_channels=3, num_classes=5, width=8, stages=3) -> Backbone:
 def toy():
     torch.manual_seed(0)
     return toy_backbone()
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """Import a script of benchmarks/ (not a package) as a module: ``load_benchmark("demo_seeds")``."""
+    root = Path(__file__).resolve().parents[1]
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

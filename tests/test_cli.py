@@ -1,8 +1,11 @@
 """The ``rmn`` command: errors, overrides, single steps, eval, mode both, and kill -9 then --resume."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import yaml
 
 from rmn.cli import main
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
+from rmn.recipe.config import ConfigError, load_config
 
 CONFIG = {  # 6 epochs of 11 steps on digits at 8x8; a whole run is a few seconds on one thread
     "model": {"backbone": "resnet18", "width_mult": 0.125, "num_procedures": 3, "routed_stages": [0, 1, 2]},
@@ -71,7 +75,10 @@ def reference(config_file, tmp_path_factory) -> Path:
     (["run", "{cfg}", "--optim.lr"], "--optim.lr needs a value"),
     (["run", "{cfg}", "--run.mode", "fast"], "run.mode"),
     (["run", "{cfg}", "--stem-epochs", "99"], "schedule.stem_epochs"),
-    (["run", "{bad_yaml}"], "not valid YAML"),
+    (["run", "{bad_yaml}"], "not valid YAML: expected ',' or '}', but got '<stream end>' at line 2, column 1 "
+                            "(while parsing a flow mapping started at line 1, column 8)"),
+    (["run", "{bad_indent}"], "not valid YAML: mapping values are not allowed here at line 3, column 16"),
+    (["train-stem", "{cfg}", "--run.mode", "both"], "add --run.mode rmn"),
     (["run", "{bad_section}"], "modle"),
     (["run", "{bad_key}"], "model.procedures"),
     (["train-stem"], "give a CONFIG"),
@@ -86,7 +93,9 @@ def test_errors_are_one_line_with_exit_code_2(args, needle, config_file, tmp_pat
         "bad_yaml": tmp_path / "bad.yaml",
         "bad_section": tmp_path / "section.yaml",
         "bad_key": tmp_path / "key.yaml",
+        "bad_indent": tmp_path / "indent.yaml",
     }
+    files["bad_indent"].write_text("model:\n  backbone: vgg16\n  attention: ca: 1\n")
     files["bad_yaml"].write_text("model: {backbone: resnet18\n")
     files["bad_section"].write_text("modle:\n  backbone: resnet18\n")
     files["bad_key"].write_text("model:\n  procedures: 4\n")
@@ -149,37 +158,133 @@ def test_run_refuses_an_existing_output_and_resumes_a_finished_run_as_a_no_op(re
     assert without_timing(read_summary(reference)) == without_timing(before)
 
 
-def test_eval_prints_the_final_top1(reference, capsys):
+def test_eval_prints_the_final_top1_in_percent(reference, capsys):
     summary = read_summary(reference)
     for target in (reference, list_checkpoints(reference / "checkpoints")[-1]):
         assert main(["eval", str(target), "--device", "cpu"]) == 0
         printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
-        assert float(printed["eval_top1"]) == summary["eval_top1"]
-        assert float(printed["eval_top5"]) == summary["eval_top5"]
+        assert printed["top-1"] == f"{100 * summary['eval_top1']:.2f}%"
+        assert printed["top-5"] == f"{100 * summary['eval_top5']:.2f}%"
         assert printed["phase"] == "routed" and printed["epoch"] == "6"
+        assert len(printed["evaluation load, stage 0"].split()) == CONFIG["model"]["num_procedures"]
 
 
-def test_mode_both_writes_the_comparison(config_file, tmp_path, capsys):
-    out = tmp_path / "both"
-    assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
-                 "--stem-epochs", "1"]) == 0
+def test_eval_of_a_mode_both_folder_evaluates_both_models(both_run, capsys):
+    out, _ = both_run
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
+    for kind in ("baseline", "rmn"):
+        section = printed.split(f"== {kind} ({out / kind})\n", 1)[1].split("==", 1)[0]
+        lines = dict(line.split(": ", 1) for line in section.strip().splitlines())
+        assert lines["top-1"] == f"{100 * read_summary(out / kind)['eval_top1']:.2f}%"
+        assert lines["phase"] == kind if kind == "baseline" else lines["phase"] == "routed"
+
+
+def test_step_commands_and_summary_on_a_mode_both_folder(both_run, capsys):
+    out, _ = both_run
+    assert main(["train-routed", "--output", str(out)]) == 2
+    assert f"its RMN run is --output {out / 'rmn'}" in capsys.readouterr().err
+    assert main(["summary", str(out)]) == 0  # the folder's RMN
+    assert "N = 3" in capsys.readouterr().out
+
+
+def test_atlas_writes_into_the_run_and_takes_data_dir(both_run, tmp_path, monkeypatch, capsys):
+    out, _ = both_run
+    shutil.rmtree(out / "rmn" / "atlas", ignore_errors=True)  # drawn by the run itself; draw it again
+    monkeypatch.chdir(tmp_path)
+    assert main(["atlas", str(out), "--max-images", "64", "--top-k", "2", "--data-dir", str(tmp_path)]) == 0
+    assert (out / "rmn" / "atlas" / "atlas.html").is_file()  # a both folder: its RMN, into that run's folder
+    assert not (tmp_path / "atlas").exists()
+    assert main(["atlas", str(out / "rmn"), "--max-images", "32", "--top-k", "1", "--data-root", str(tmp_path),
+                 "--out", "elsewhere"]) == 0  # the old spelling still works
+    assert (tmp_path / "elsewhere" / "atlas.html").is_file()
+
+
+def test_version_and_summary_usage_errors(capsys):
+    import rmn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rmn {rmn.__version__}"
+    assert main(["summary", "--model", "resnet18"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rmn: error: ") and "--num-classes" in err and len(err.splitlines()) == 1
+
+
+def test_no_user_facing_text_names_an_internal_issue():
+    import rmn
+
+    src = Path(rmn.__file__).parent
+    hits = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "issue" in line.lower()]
+    assert not hits, hits
+
+
+def plain_backbone_params(config_file: Path, **overrides) -> int:
+    from rmn.data import dataset_spec
+    from rmn.recipe.build import build_backbone
+    from rmn.recipe.config import load_config
+
+    cfg = load_config(config_file, overrides)
+    return sum(p.numel() for p in build_backbone(cfg, dataset_spec(cfg.data.dataset), cfg.data.image_size).parameters())
+
+
+@pytest.fixture(scope="module")
+def both_run(config_file, tmp_path_factory) -> tuple[Path, str]:
+    """A short ``run.mode: both`` run (the RMN with CA, the config's default) and what it printed."""
+    out = tmp_path_factory.mktemp("both")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
+                     "--stem-epochs", "1"]) == 0
+    return out, printed.getvalue()
+
+
+def test_mode_both_writes_the_comparison_against_the_plain_network(config_file, both_run):
+    out, printed = both_run  # the RMN uses CA; the baseline must not
     base, rmn = read_summary(out / "baseline"), read_summary(out / "rmn")
     assert (base["kind"], rmn["kind"]) == ("baseline", "rmn")
+    assert (base["attention"], rmn["attention"]) == ("none", "ca")
+    assert base["params"] == plain_backbone_params(config_file)  # the paper's baseline: the plain network
     assert base["params"] < rmn["params"] and base["routing"] == {} and set(rmn["routing"]) >= {"load_stage0"}
     lines = (out / "comparison.txt").read_text().splitlines()
     assert len(lines) == 4 and set(lines[1]) == {"-"}
-    assert lines[2].startswith("baseline resnet18") and lines[3].startswith("rmn resnet18 N=3 ca")
-    assert lines[2].split()[2] == f"{100 * base['eval_top1']:.2f}"
+    assert lines[2].split()[:3] == ["baseline", "resnet18", f"{100 * base['eval_top1']:.2f}"]
+    assert lines[3].startswith("rmn resnet18 N=3 ca")
     assert lines[3].split()[4] == f"{100 * rmn['eval_top1']:.2f}"
     assert "s0:[" in lines[3] and "s3:" not in lines[3]  # the load of each routed stage (stage 3 unrouted)
     assert "\n".join(lines) in printed
     assert [s["kind"] for s in json.loads((out / "comparison.json").read_text())] == ["baseline", "rmn"]
-    # the baseline is the stem network on the same schedule: its first epoch is the RMN's stem epoch
+
+
+def test_mode_both_baseline_is_the_rmn_step_1_without_attention(config_file, tmp_path, capsys):
+    """Without attention the baseline's first epoch is the RMN's stem epoch, to the last digit."""
+    out = tmp_path / "plain"
+    assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
+                 "--stem-epochs", "1", "--model.attention", "none"]) == 0
     strip = ("phase", "seq", "images_per_s", "epoch_seconds")
     first = [{k: v for k, v in json.loads((out / kind / "metrics.jsonl").read_text().splitlines()[0]).items()
               if k not in strip} for kind in ("baseline", "rmn")]
     assert first[0] == first[1]
+
+
+def test_mode_both_se_baseline_is_its_own_row(config_file, monkeypatch, tmp_path):
+    from rmn.recipe import runner
+
+    seen = []
+
+    def fake_run_steps(cfg, resume=False, baseline=False):
+        seen.append((cfg.run.mode, cfg.model.attention, baseline))
+        return {"kind": cfg.run.mode, "backbone": "resnet18", "num_procedures": 3, "attention": cfg.model.attention,
+                "eval_top1": 0.5, "eval_top5": 1.0, "params": 1, "macs_per_image": 1, "dead_procedures": 0, "routing": {}}
+
+    monkeypatch.setattr(runner, "run_steps", fake_run_steps)
+    cfg = load_config(config_file, {"run.mode": "both", "run.baseline_attention": "se", "run.output": str(tmp_path)})
+    runner.run_experiment(cfg)
+    assert seen == [("baseline", "se", True), ("rmn", "ca", False)]
+    assert (tmp_path / "comparison.txt").read_text().splitlines()[2].startswith("baseline resnet18 +SE ")
+    with pytest.raises(ConfigError, match="run.baseline_attention"):
+        load_config(config_file, {"run.baseline_attention": "ca"})
 
 
 # -- kill -9 ---------------------------------------------------------------------------------------

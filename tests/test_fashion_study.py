@@ -2,21 +2,14 @@
 mean and standard deviation over every seed on disk (checked against hand-computed numbers)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("fashion_study", ROOT / "benchmarks" / "fashion_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_benchmark):
+    return load_benchmark("fashion_study")
 
 
 def test_rows_differ_only_where_the_study_says(study, tmp_path):

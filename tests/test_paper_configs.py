@@ -3,7 +3,7 @@
 Nothing is trained. Models are built on the meta device (real architecture, no memory), so the
 138M-parameter VGG-16 and its 8-procedure clones cost nothing; the data pipeline runs on fixtures
 written in the releases' real on-disk formats (the writers of tests/test_data_*.py). The expected
-values below are written out from METHOD.md section 5 on purpose, independently of
+values below are written out from docs/method.md section 6 on purpose, independently of
 configs/paper/generate.py, so a wrong generator cannot agree with itself.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
 FILES = sorted(p.relative_to(PAPER).as_posix() for p in PAPER.rglob("*.yaml"))
 
-# --- the paper's values (METHOD.md sections 1, 5 and 6) ---------------------------------------
+# --- the paper's values (docs/method.md sections 2, 6 and 8) ---------------------------------------
 DATASET = {"cifar100": ("cifar100", 32), "tiny_imagenet": ("tiny-imagenet", 64), "imagenet": ("imagenet", 224)}
 EPOCHS = {
     "cifar100": {"vgg16": 120, "resnet18": 120, "resnet50": 200, "efficientnet_b0": 300},

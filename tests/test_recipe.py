@@ -5,6 +5,7 @@ and a whole 4-epoch run takes a few seconds on one CPU thread.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import re
@@ -326,3 +327,45 @@ def test_match_batchnorm_in_step_three_keeps_the_training_function(tmp_path):
     assert ckpt.meta["phase"] == "memory"
     for k in moved:
         assert torch.equal(ckpt.model_state[k], states[True][k])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
+def test_multi_tensor_optimizers_equal_the_per_parameter_loop(optimizer):
+    """build_optimizer's foreach=True must not change a number: same steps as torch's per-parameter loop."""
+    from rmn.recipe.build import build_optimizer
+
+    cfg = load_config(None, {"optim.optimizer": optimizer, "optim.lr": 0.1})
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    a(torch.randn(2, 3, 6, 6))
+    b = copy.deepcopy(a)
+    fast = build_optimizer(cfg, a)
+    assert fast.defaults["foreach"] is True
+    loop = type(fast)(b.parameters(), **{**fast.defaults, "foreach": False})
+    for step in range(4):
+        x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((a, fast), (b, loop)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            for g in opt.param_groups:
+                g["lr"] = 0.1 / (step + 1)
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("preset", [None, "2048"])
+def test_importing_rmn_sizes_onednns_kernel_cache(preset):
+    """rmn raises oneDNN's kernel cache at import unless the user chose a size."""
+    import os
+    import subprocess
+    import sys
+
+    from rmn.precision import ONEDNN_CACHE_CAPACITY
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, rmn; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (preset or ONEDNN_CACHE_CAPACITY)

@@ -1,4 +1,4 @@
-"""Write the paper's configs: one YAML per cell of the tables in METHOD.md section 6.
+"""Write the paper's configs: one YAML per cell of the tables in the paper (docs/method.md section 8).
 
     .venv/bin/python configs/paper/generate.py           # (re)write every configs/paper/**/*.yaml
     .venv/bin/python configs/paper/generate.py --check   # exit 1 if a file differs from this script's output
@@ -6,7 +6,7 @@
 The YAML files are committed next to this script; tests/test_paper_configs.py checks that they equal
 its output, so edit this file and re-run it rather than editing a YAML by hand.
 
-Every value comes from METHOD.md section 5 (the paper's hyper-parameters):
+Every value comes from docs/method.md section 6 (the paper's hyper-parameters):
   peak LR 0.48, linear warm-up from 1e-5 over 5 epochs, cosine decay to 1e-5 at the last epoch;
   SGD momentum 0.9, weight decay 1e-5 (RMSprop for EfficientNet-B0); stem training the first 40 epochs;
   N = 8; memory momentum alpha 0.9; CA reduction 16; synchronised BatchNorm;

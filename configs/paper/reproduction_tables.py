@@ -3,8 +3,8 @@
     .venv/bin/python configs/paper/reproduction_tables.py           # print the tables
     .venv/bin/python configs/paper/reproduction_tables.py --write   # replace them in REPRODUCTION.md
 
-The paper's numbers are copied here from /work/shared/paper/METHOD.md section 6 (main tables, submission
-version) and seed-supplementary.txt (supplementary Table 1, camera-ready, two decimals). The cost
+The paper's numbers are copied here from its main tables (submission version; docs/method.md section 8)
+and its supplementary Table 1 (camera-ready, two decimals). The cost
 columns come from configs/paper/cost.json (written by configs/paper/estimate_cost.py). Only the text
 between the BEGIN/END markers of REPRODUCTION.md is replaced; tests/test_paper_configs.py checks that
 it equals this script's output.
@@ -26,7 +26,7 @@ DATA_DIR = {"cifar100": "/path/to/cifar-100-python", "tiny_imagenet": "/path/to/
             "imagenet": "/path/to/imagenet"}
 MODELS = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet_b0": "EfficientNet-B0"}
 
-# METHOD.md section 6, main tables: (baseline, RMN without CA, RMN with CA)
+# the paper's main tables (docs/method.md section 8): (baseline, RMN without CA, RMN with CA)
 MAIN = {
     ("cifar100", "vgg16"): (73.2, 74.6, 75.8), ("cifar100", "resnet18"): (75.5, 76.8, 77.9),
     ("cifar100", "resnet50"): (77.6, 78.4, 78.9), ("cifar100", "efficientnet_b0"): (78.0, 78.6, 78.8),
@@ -35,7 +35,7 @@ MAIN = {
     ("imagenet", "vgg16"): (72.9, 74.8, 76.1), ("imagenet", "resnet18"): (70.7, 72.7, 73.8),
     ("imagenet", "resnet50"): (76.1, 77.8, 78.3), ("imagenet", "efficientnet_b0"): (76.5, 77.9, 78.1),
 }
-# seed-supplementary.txt Table 1: (Original batch 256, Original batch 1024, RMN batch 1024)
+# the supplementary material's Table 1: (Original batch 256, Original batch 1024, RMN batch 1024)
 SUPP = {
     ("cifar100", "vgg16"): (73.16, 70.55, 75.74), ("cifar100", "resnet18"): (75.62, 73.36, 77.94),
     ("cifar100", "resnet50"): (77.53, 73.02, 79.06), ("cifar100", "efficientnet_b0"): (78.04, 73.84, 78.88),
@@ -168,13 +168,14 @@ def render() -> str:
     cost = load_cost()
     parts = [
         BEGIN,
-        "### Main table (METHOD.md section 6) and supplementary Table 1 (baselines at batch 1024)\n\n"
-        "\"paper: main table\" is the submission version (METHOD.md section 6); \"paper: supp. Table 1\" is the "
+        "### Main table and supplementary Table 1 (baselines at batch 1024)\n\n"
+        "\"paper: main table\" is the submission version ([docs/method.md](docs/method.md#8-the-papers-results)); "
+        "\"paper: supp. Table 1\" is the "
         "supplementary material's batch-size table (two decimals, camera-ready). \"-\": that table has no such cell.\n\n"
         + main_table(cost),
         "### CA ablation (ResNet-18, Tiny ImageNet)\n\n" + ca_table(cost),
         "### Ablations of N, batch size and alpha (ResNet-18, Tiny ImageNet)\n\n"
-        "METHOD.md gives these only in words: accuracy rises with N and levels off at N = 8; at N = 8 batch 1024 "
+        "The paper gives these only in words: accuracy rises with N and levels off at N = 8; at N = 8 batch 1024 "
         "is best, 128 and 256 fall below the baseline (61.6), 2048 is worse than 1024; alpha = 0.9 was chosen. "
         "The cells without a number are therefore \"not given numerically\". The paper reports choosing "
         "alpha = 0.9 but not the full grid: the grid {0.5, 0.7, 0.9, 0.99} is ours. The centre point (N = 8, "

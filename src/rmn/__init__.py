@@ -1,4 +1,5 @@
 """rmn: Routing-by-Memory Networks (Zhang et al., "Neural Routing by Memory", NeurIPS 2021)."""
+from . import precision  # noqa: F401  (first: sizes oneDNN's kernel cache before any convolution runs)
 from .attention import ConditionalAttention
 from .backbones import Backbone, create_backbone, list_backbones, register_backbone
 from .dispatch import dispatch

@@ -38,7 +38,9 @@ class ConditionalAttention(nn.Module):
                 routes = torch.randint(self.num_routes, (batch,), device=device)
             else:
                 return torch.full((batch, self.num_routes), 1.0 / self.num_routes, device=device, dtype=dtype)
-        return F.one_hot(routes, self.num_routes).to(dtype)
+        # rows of an identity matrix: what one_hot gives, without its range checks (two reductions and
+        # a host read per call, a measurable part of a batch-1 forward)
+        return torch.eye(self.num_routes, device=device, dtype=dtype)[routes]
 
     def forward(self, y: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
         z = F.relu(self.down(y.mean(dim=(2, 3))))

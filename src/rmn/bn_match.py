@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .memory import nearest
+from .memory import nearest, stage_feature
 
 
 def _norms(module: nn.Module) -> list[nn.BatchNorm2d]:
@@ -73,7 +73,7 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
             for stage in plain.stages:
                 route = None
                 if stage.memory is not None:
-                    route = routes["now"] = nearest(h.mean(dim=(2, 3)), stage.memory.memories)
+                    route = routes["now"] = nearest(stage_feature(h), stage.memory.memories)
                 h = stage.procedures[0](h)  # the plain network: every sample through the same weights
                 if stage.attention is not None:  # Conditional Attention gets the routes the routed network will use
                     h = stage.attention(h, route)

@@ -23,6 +23,12 @@ SHORT_FLAGS = {
     "--seed": "run.seed",
     "--device": "run.device",
     "--output": "run.output",
+    "--amp": "run.amp",
+}
+# switches without a value (timm's --channels-last, --torchcompile)
+SWITCHES = {
+    "--channels-last": ("run.channels_last", "NHWC weights and activations (run.channels_last true)"),
+    "--compile": ("run.compile", "torch.compile the network's parts (run.compile true)"),
 }
 
 STEP_HELP = {
@@ -39,20 +45,27 @@ def _add_run_options(p: argparse.ArgumentParser, config_required: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output folder")
     for flag, key in SHORT_FLAGS.items():
         p.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"sets {key}")
+    for flag, (key, text) in SWITCHES.items():
+        p.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=text)
     p.epilog = "Any config key can be set as --section.key VALUE, e.g. --optim.warmup_epochs 2 --model.attention se"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="rmn", description="Routing-by-Memory Networks (Neural Routing by Memory, NeurIPS 2021)")
+    parser.add_argument("--version", action="version", version=f"rmn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STEP_HELP.items():
         p = sub.add_parser(name, help=text, description=text)
         _add_run_options(p, config_required=name in ("run",))
         p.set_defaults(func=_run_command)
     p = sub.add_parser("eval", help="evaluate a checkpoint (file or run folder) on the evaluation split")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder (a run.mode both folder: both models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None, help="dataset root, if it moved since training")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default float32)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     p.set_defaults(func=_eval_command)
     from .analysis.cli import register
     from .recipe.evaluate import model_for_atlas, model_spec
@@ -65,7 +78,8 @@ def parse_overrides(args: argparse.Namespace, extra: list[str]) -> dict:
     """Collect --section.key VALUE pairs (known flags and the free-form rest)."""
     from .recipe.config import ConfigError, parse_override_value
 
-    overrides = {k: parse_override_value(v) for k, v in vars(args).items() if "." in k and v is not None}
+    overrides = {k: parse_override_value(v) if isinstance(v, str) else v
+                 for k, v in vars(args).items() if "." in k and v is not None}
     i = 0
     while i < len(extra):
         item = extra[i]
@@ -97,6 +111,8 @@ def _config_for(args, overrides):
         if out is None:
             raise ConfigError("give a CONFIG file, or --output of an existing run")
         path = Path(out) / "config.yaml"
+        if not path.is_file() and (Path(out) / "rmn" / "config.yaml").is_file():
+            raise ConfigError(f"{out} holds a run.mode both comparison; its RMN run is --output {Path(out) / 'rmn'}")
         if not path.is_file():
             raise ConfigError(f"{out} holds no run (no config.yaml); give a CONFIG file to start one")
     return load_config(path, overrides)
@@ -112,7 +128,8 @@ def _run_command(args, extra) -> int:
         run_experiment(cfg, resume=args.resume)
         return 0
     if cfg.run.mode == "both":
-        raise steps.RecipeError("single steps need run.mode rmn (a 'both' config is only for 'rmn run')")
+        raise steps.RecipeError(f"single steps need run.mode rmn, and {args.config or 'the config'} says 'both' "
+                                "(only 'rmn run' takes it): add --run.mode rmn")
     # Single steps always continue the run in the output folder when there is one.
     run = steps.Run.open(cfg, resume=True)
     step = {"train-stem": steps.train_stem, "clone": steps.clone, "init-memory": steps.init_memory,
@@ -128,11 +145,15 @@ def _run_command(args, extra) -> int:
 def _eval_command(args, extra) -> int:
     if extra:
         raise ValueError(f"unrecognised argument {extra[0]!r}")
-    from .recipe.evaluate import evaluate_checkpoint
+    from .recipe.evaluate import evaluate_checkpoint, evaluation_targets, result_lines
 
-    result = evaluate_checkpoint(args.checkpoint, device=args.device, data_root=args.data_dir)
-    for k, v in result.items():
-        print(f"{k}: {v}")
+    targets = evaluation_targets(args.checkpoint)
+    for kind, path in targets:
+        if kind is not None:
+            print(f"== {kind} ({path})")
+        result = evaluate_checkpoint(path, device=args.device, data_root=args.data_dir, amp=args.amp,
+                                     channels_last=args.channels_last)
+        print("\n".join(result_lines(result)), flush=True)
     return 0
 
 

@@ -60,6 +60,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .precision import float32_only
+
 __all__ = ["KMeansResult", "assign", "kmeans"]
 
 _F32 = torch.float32
@@ -440,6 +442,7 @@ def _check_int(name: str, v, lo: int, who: str = "kmeans") -> int:
 
 
 @torch.no_grad()
+@float32_only
 def kmeans(
     x: Tensor,
     k: int,
@@ -552,6 +555,7 @@ def kmeans(
 
 
 @torch.no_grad()
+@float32_only
 def assign(x: Tensor, centers: Tensor, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
     """Nearest center of every row of ``x``: ``(labels int64 [n], squared distances float32 [n])``.
 

@@ -29,10 +29,19 @@ import torch
 from torch import nn
 
 from . import distributed
+from .precision import float32_only
 
 
+def stage_feature(x: torch.Tensor) -> torch.Tensor:
+    """What a memory is compared with: the global-average-pooled stage input [B, C], accumulated and
+    returned in float32 whatever the autocast dtype of ``x``. Never differentiated."""
+    return torch.mean(x.detach(), dim=(2, 3), dtype=torch.float32)
+
+
+@float32_only
 def nearest(features: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest memory (Euclidean) for each row of ``features`` [B, C]."""
+    """Index of the nearest memory (Euclidean) for each row of ``features`` [B, C], in float32
+    whatever the autocast state (a bf16 distance would flip routes between close memories)."""
     f = features.float()
     m = memories.float()
     # ||f - m||^2 = ||f||^2 - 2 f.m + ||m||^2; ||f||^2 is constant per row and cannot change the argmin.
@@ -159,11 +168,11 @@ class MemoryBank(nn.Module):
             new = (self.ema_sum + lam * self.memories.double()) / (self.ema_count + lam).unsqueeze(1)
             self.memories.copy_(new.to(self.memories.dtype))
             return
-        hit = counts > 0
-        if bool(hit.any()):
-            mean = sums[hit] / counts[hit].unsqueeze(1)
-            new = a * self.memories[hit].to(torch.float64) + (1.0 - a) * mean
-            self.memories[hit] = new.to(self.memories.dtype)
+        # memories that received no sample keep their value; no host synchronisation on which did
+        hit = (counts > 0).unsqueeze(1)
+        mean = sums / counts.clamp_min(1).unsqueeze(1)
+        old = self.memories.to(torch.float64)
+        self.memories.copy_(torch.where(hit, a * old + (1.0 - a) * mean, old))
 
     def _revive(self) -> list[tuple[int, int]]:
         counts = self.last_counts.clone()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import ConditionalAttention
 from .backbones.base import check_image_input
-from .memory import MemoryBank
+from .memory import MemoryBank, stage_feature
 from .stage import RoutedStage
 
 AttentionKind = Literal["ca", "se"] | None
@@ -123,7 +123,7 @@ class RoutedNetwork(nn.Module):
         """
         for stage in self.stages:
             counts = stage.memory.last_counts if stage.memory is not None else None
-            if counts is None:
+            if counts is None or not stage.run_every_procedure:  # an idle procedure that never ran has no gradient
                 continue
             for j in (counts == 0).nonzero().flatten().tolist():
                 for p in stage.procedures[j].parameters():
@@ -159,7 +159,7 @@ class RoutedNetwork(nn.Module):
         h = self.stem(x)
         feats = []
         for i, stage in enumerate(self.stages):
-            feats.append(h.mean(dim=(2, 3)))
+            feats.append(stage_feature(h))
             if i == len(self.stages) - 1:  # the last stage's output is not an input of anything
                 break
             if as_stem:

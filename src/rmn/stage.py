@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import ConditionalAttention
 from .dispatch import dispatch
-from .memory import MemoryBank
+from .memory import MemoryBank, stage_feature
 
 
 class RoutedStage(nn.Module):
@@ -50,7 +50,7 @@ class RoutedStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.memory is not None:
-            routes = self.memory.route(x.detach().mean(dim=(2, 3)))
+            routes = self.memory.route(stage_feature(x))
             try:
                 y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure)
             except ValueError as e:

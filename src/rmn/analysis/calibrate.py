@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..kmeans import kmeans
+from ..memory import stage_feature
 
 
 @contextlib.contextmanager
@@ -43,7 +44,7 @@ def _stagewise(net: nn.Module, x: torch.Tensor, choose, train: bool) -> None:
             for i, stage in enumerate(net.stages):
                 bank = getattr(stage, "memory", None)
                 if bank is not None:
-                    bank.set_memories(choose(i, h.mean(dim=(2, 3)).float(), bank))
+                    bank.set_memories(choose(i, stage_feature(h), bank))
                 h = stage(h)
     finally:
         net.train(was_training)

@@ -8,7 +8,7 @@
     rmn summary --model resnet18 --num-classes 100 --image-size 32 [--width-mult 1] [--procedures 8] [--csv F] [--json F]
     rmn bench latency [--quick] [--models resnet18 ...] [--json benchmarks/results/latency.json]
     rmn bench dispatch [--quick]
-    rmn atlas CHECKPOINT --dataset cifar100 [--data-root data] [--out atlas] [--top-k 8] [--max-images 1024]
+    rmn atlas CHECKPOINT [--dataset cifar100] [--data-dir data] [--out DIR] [--top-k 8] [--max-images 1024]
 """
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ def _spec_from_args(args: argparse.Namespace, load_spec: Callable[[str], dict] |
     spec: dict[str, Any] = {}
     if getattr(args, "source", None):
         if load_spec is None:
-            raise SystemExit(f"rmn summary: cannot read {args.source} here (no config/checkpoint loader); "
+            raise ValueError(f"summary: cannot read {args.source} here (no config/checkpoint loader); "
                              "use --model/--num-classes/--image-size")
         spec.update(load_spec(args.source))
     flags = {"name": args.model, "num_classes": args.num_classes, "image_size": args.image_size,
              "in_channels": args.in_channels, "width_mult": args.width_mult, "num_procedures": args.procedures}
     spec.update({k: v for k, v in flags.items() if v is not None})  # flags override the file
     if spec.get("name") is None or spec.get("num_classes") is None:
-        raise SystemExit("rmn summary: give a CONFIG/CHECKPOINT or --model and --num-classes")
+        raise ValueError("summary: give a CONFIG/CHECKPOINT or --model and --num-classes")
     return spec
 
 
@@ -87,17 +87,18 @@ def atlas_command(model, dataset, out_dir: str | Path = "atlas", top_k: int = 8,
 
 def _atlas_handler(args: argparse.Namespace, load_model) -> int:
     if load_model is None:
-        raise SystemExit("rmn atlas: no checkpoint loader is wired into this command")
+        raise ValueError("atlas: no checkpoint loader is wired into this command")
     from ..data import build_dataset
 
     model, info = load_model(args.checkpoint)
     info = info or {}
     name = args.dataset or info.get("dataset")
     if not name:
-        raise SystemExit("rmn atlas: --dataset is needed (the checkpoint does not name one)")
+        raise ValueError("atlas: --dataset is needed (the checkpoint does not name one)")
     root = args.data_root or info.get("data_root")
     ds = build_dataset(name, root=root, split=args.split)
-    atlas_command(model, ds, args.out, args.top_k, args.max_images)
+    out = args.out or (Path(info["run_dir"]) / "atlas" if info.get("run_dir") else Path("atlas"))
+    atlas_command(model, ds, out, args.top_k, args.max_images)
     return 0
 
 
@@ -140,15 +141,16 @@ def register(subparsers, load_spec: Callable[[str], dict] | None = None,
     bsub.required = True
     lat = bsub.add_parser("latency", help="CPU/CUDA latency and throughput, backbone vs RMN (random weights)")
     latency_args(lat).set_defaults(func=_latency_handler)
-    dis = bsub.add_parser("dispatch", help="eval and train-step overhead of routed dispatch (issue 2)")
+    dis = bsub.add_parser("dispatch", help="eval and train-step overhead of routed dispatch over the plain network")
     dispatch_args(dis).set_defaults(func=_dispatch_handler)
 
     a = subparsers.add_parser("atlas", help="each memory's top-K nearest images, routing heat maps and load charts")
-    a.add_argument("checkpoint", help="a trained RMN checkpoint")
+    a.add_argument("checkpoint", help="a trained RMN checkpoint or run folder (a run.mode both folder: its rmn/ run)")
     a.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
-    a.add_argument("--data-root", help="dataset root (default: the checkpoint's, or $RMN_DATA)")
+    a.add_argument("--data-dir", "--data-root", dest="data_root", metavar="DIR",
+                   help="dataset root (default: the checkpoint's, or $RMN_DATA); --data-root is the old spelling")
     a.add_argument("--split", default="test", help="evaluation split (default: test)")
-    a.add_argument("--out", default="atlas", help="output folder (default: %(default)s)")
+    a.add_argument("--out", default=None, metavar="DIR", help="output folder (default: atlas/ in the checkpoint's run folder)")
     a.add_argument("--top-k", type=int, default=8)
     a.add_argument("--max-images", type=int, default=1024)
     a.set_defaults(func=lambda args: _atlas_handler(args, load_model))
@@ -159,7 +161,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rmn")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        parser.exit(2, f"rmn: error: {e}\n")
 
 
 if __name__ == "__main__":

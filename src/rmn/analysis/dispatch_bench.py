@@ -1,4 +1,4 @@
-"""Issue 2's benchmark: the cost of routed dispatch over the plain backbone.
+"""The cost of routed dispatch over the plain backbone.
 
 Cases (all interleaved in one process, medians over rounds, random weights):
 
@@ -13,7 +13,7 @@ training step the memories' momentum is set to 1 so routes stay fixed while the 
 memories for training are calibrated on training-mode features (BatchNorm batch statistics).
 The route counts actually observed during the timed calls are reported.
 
-Targets (issue 2): batch-1 latency ratio <= 1.03, batch-256 eval ratio <= 1.08, train-step ratio <= 1.15.
+The project's targets: batch-1 latency ratio <= 1.03, batch-256 eval ratio <= 1.08, train-step ratio <= 1.15.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..memory import stage_feature
+
 
 def stage_inputs(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """GAP'd input of every stage of ``net`` for the batch ``x``: a list of ``[B, C_i]`` tensors.
@@ -20,7 +22,7 @@ def stage_inputs(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     h = net.stem(x)
     feats = []
     for stage in net.stages:
-        feats.append(h.mean(dim=(2, 3)))
+        feats.append(stage_feature(h))
         h = stage(h)
     return feats
 

@@ -34,7 +34,7 @@ from .cost import pretty_name, write_report
 VARIANT_LABELS = {"backbone": "backbone", "rmn": "RMN without CA", "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE",
                   "rmn_one": "RMN w/o CA, 1 route"}
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_b0")
-# The paper's supplementary table (CPU, ms per 224x224 image) and the targets of issue 6.
+# The paper's supplementary table (CPU, ms per 224x224 image) and the project's targets for the overhead.
 PAPER_MS = {
     "resnet18": {"backbone": 25.1, "rmn": 26.4, "rmn_ca": 27.1},
     "resnet50": {"backbone": 51.6, "rmn": 54.2, "rmn_ca": 55.2},

@@ -85,6 +85,9 @@ class ScheduleConfig:
 class RunConfig:
     name: str = "run"
     mode: str = "rmn"  # "rmn" (the four steps), "baseline" (same schedule, no cloning), "both"
+    # The baseline of mode "both": "none" = the plain network (the paper's baseline), "se" = plain + SE
+    # (the paper's "+SE" row); model.attention applies to the RMN only.
+    baseline_attention: str = "none"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     output: Optional[str] = None  # default runs/<name>
@@ -97,6 +100,11 @@ class RunConfig:
     progress: str = "auto"  # "auto" (bar on a terminal, lines otherwise), "bar", "lines", "none"
     tensorboard: bool = True
     sync_bn: bool = False
+    # Arithmetic (rmn.precision), for training, evaluation and every feature pass. Routing, memories and
+    # k-means stay float32 whatever is chosen here.
+    amp: str = "none"  # "none" (float32), "bf16" (autocast to bfloat16), "fp16" (float16 + gradient scaler)
+    channels_last: bool = False  # NHWC weights and activations (what fast convolution kernels want)
+    compile: bool = False  # torch.compile each routed procedure, the stem and the head
     atlas: bool = True  # after an RMN run, draw each memory's nearest evaluation images (<output>/atlas)
     # Step 1 done elsewhere: a run folder or checkpoint file of the same plain network (a baseline or
     # a stem run, at or before schedule.stem_epochs); a fresh run continues from it instead of epoch 0.
@@ -141,7 +149,10 @@ class Config:
             (o.lr > 0, "optim.lr must be > 0"),
             (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
+            (r.amp in ("none", "bf16", "fp16"), f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
+            (r.baseline_attention in ("none", "se"),
+             f"run.baseline_attention must be 'none' or 'se', got {r.baseline_attention!r}"),
             (r.progress in ("auto", "bar", "lines", "none"), "run.progress must be 'auto', 'bar', 'lines' or 'none'"),
             (r.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
             (r.eval_every >= 1, "run.eval_every must be >= 1"),
@@ -220,7 +231,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML: {yaml_error_text(e)}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         try:
@@ -233,6 +244,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"override '{dotted}' must look like section.key")
         cfg = from_dict({section: {key: value}}, cfg)
     return cfg.validate()
+
+
+def yaml_error_text(e: yaml.YAMLError) -> str:
+    """What a YAML error says, with where (1-based line and column), in one line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(e).split())
+    text = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" started at line {where.line + 1}, column {where.column + 1})" if where else ")")
+    return text
 
 
 def parse_override_value(text: str) -> Any:

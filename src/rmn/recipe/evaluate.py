@@ -28,7 +28,11 @@ def load_model(path: str | Path, device: str = "cpu"):
     return model, cfg, ckpt
 
 
-def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str | None = None) -> dict:
+def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str | None = None, amp: str = "none",
+                        channels_last: bool = False) -> dict:
+    """Top-1/top-5 of a checkpoint on its evaluation split, in the precision asked for (``--amp``,
+    ``--channels-last``: a model trained in float32 can be evaluated in bf16 and vice versa)."""
+    from ..precision import Precision
     from .steps import Run, evaluate
 
     model, cfg, ckpt = load_model(path, device)
@@ -38,7 +42,9 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str |
     data = build.build_data(cfg)
     dev = build.resolve_device(device)
     loaders = build.build_loaders(cfg, data, dev)
-    run = Run(cfg, Path(ckpt.path).parent, dev, data, model, None, ckpt.meta["phase"], loaders=loaders)
+    precision = Precision(amp, channels_last, dev.type)
+    run = Run(cfg, Path(ckpt.path).parent, dev, data, precision.model(model), None, ckpt.meta["phase"], loaders=loaders,
+              precision=precision)
     result = {"checkpoint": str(ckpt.path), "phase": ckpt.meta["phase"], "epoch": ckpt.meta["epoch"]}
     result.update(evaluate(run))
     return result
@@ -58,7 +64,7 @@ def model_spec(path: str | Path) -> dict:
             raise ValueError(f"{p}: the class count of a 'folder' dataset is only known from the data; pass --num-classes")
         size, classes, channels = cfg.data.image_size or spec.image_size, spec.num_classes, spec.in_channels
     else:
-        _, cfg, ckpt = load_model(p, "cpu")
+        _, cfg, ckpt = load_model(rmn_run_of(p), "cpu")
         shape = ckpt.meta["data_shape"]
         size, classes, channels = shape["image_size"], shape["num_classes"], shape["in_channels"]
     return {"name": cfg.model.backbone, "num_classes": classes, "image_size": size, "in_channels": channels,
@@ -66,6 +72,34 @@ def model_spec(path: str | Path) -> dict:
 
 
 def model_for_atlas(path: str | Path):
-    """(model, info) for ``rmn atlas``: the checkpoint's model and where its data lives."""
-    model, cfg, _ = load_model(path, "auto")
-    return model, {"dataset": cfg.data.dataset, "data_root": cfg.data.root}
+    """(model, info) for ``rmn atlas``: the checkpoint's model, where its data lives, and the run folder
+    it belongs to (the atlas goes there by default). A ``run.mode: both`` folder means its ``rmn/`` run."""
+    model, cfg, ckpt = load_model(rmn_run_of(path), "auto")
+    ckpt_dir = Path(ckpt.path).parent
+    run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
+    return model, {"dataset": cfg.data.dataset, "data_root": cfg.data.root, "run_dir": str(run_dir)}
+
+
+def evaluation_targets(path: str | Path) -> list[tuple[str | None, Path]]:
+    """What ``rmn eval PATH`` evaluates: PATH itself, or, for the folder of a ``run.mode: both`` run (no
+    checkpoints of its own), its ``baseline/`` and ``rmn/`` runs, labelled."""
+    p = Path(path)
+    if p.is_dir() and not (p / "checkpoints").is_dir():
+        kinds = [kind for kind in ("baseline", "rmn") if (p / kind / "checkpoints").is_dir()]
+        if kinds:
+            return [(kind, p / kind) for kind in kinds]
+    return [(None, p)]
+
+
+def result_lines(result: dict) -> list[str]:
+    """``rmn eval``'s report: accuracies in percent, as every other command prints them."""
+    lines = [f"checkpoint: {result['checkpoint']}", f"phase: {result['phase']}", f"epoch: {result['epoch']}",
+             f"top-1: {100 * result['eval_top1']:.2f}%", f"top-5: {100 * result['eval_top5']:.2f}%"]
+    lines += [f"evaluation load, stage {k[len('eval_load_stage'):]}: " + " ".join(f"{v:.2f}" for v in result[k])
+              for k in result if k.startswith("eval_load_stage")]
+    return lines
+
+
+def rmn_run_of(path: str | Path) -> Path:
+    """``path`` itself, or the ``rmn/`` run of a ``run.mode: both`` folder (what atlas and summary describe)."""
+    return dict(evaluation_targets(path)).get("rmn", Path(path))

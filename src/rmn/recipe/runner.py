@@ -1,7 +1,9 @@
 """Whole runs: the four steps (or the baseline) end to end, then ``summary.json``.
 
 ``run.mode: both`` trains the baseline and the RMN side by side in ``<output>/baseline`` and
-``<output>/rmn`` and prints the comparison table of the paper's layout.
+``<output>/rmn`` and prints the comparison table of the paper's layout. The baseline is the paper's:
+the plain network, whatever ``model.attention`` the RMN uses (``run.baseline_attention: se`` makes it
+the "+SE" row instead).
 """
 from __future__ import annotations
 
@@ -39,9 +41,10 @@ def write_atlas(run: Run) -> dict:
     """Each memory's nearest evaluation images, heat maps and load charts, in ``<output>/atlas``."""
     from ..analysis.cli import atlas_command
 
-    paths = atlas_command(run.model, run.data.eval, run.out / "atlas", top_k=8, max_images=1024,
-                          image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
-                          title=run.cfg.run.name)
+    with run.precision.autocast():  # the features the run's own routing saw
+        paths = atlas_command(run.model, run.data.eval, run.out / "atlas", top_k=8, max_images=1024,
+                              image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
+                              title=run.cfg.run.name)
     run.say(f"[atlas] {run.out / 'atlas' / 'atlas.html'}")
     return paths
 
@@ -87,6 +90,8 @@ def run_experiment(cfg: Config, resume: bool = False) -> list[dict]:
         sub.run.output = str(cfg.output_dir() / kind)
         sub.run.name = f"{cfg.run.name}-{kind}"
         sub.run.mode = kind
+        if kind == "baseline":  # the plain network (or plain + SE), never CA fed random routes
+            sub.model.attention = cfg.run.baseline_attention
         print(f"== {kind} ({sub.run.output})", flush=True)
         summaries.append(run_steps(sub, resume=resume, baseline=kind == "baseline"))
     table = comparison_table(summaries)
@@ -102,7 +107,10 @@ def comparison_table(summaries: list[dict]) -> str:
     head = f"{'model':<28} {'top-1 %':>8} {'top-5 %':>8} {'params':>9} {'MACs/img':>10} {'dead':>5}  routing load per stage (share of samples per memory)"
     lines = [head, "-" * len(head)]
     for s in summaries:
-        label = f"{s['kind']} {s['backbone']}" + (f" N={s['num_procedures']} {s['attention']}" if s["kind"] == "rmn" else "")
+        if s["kind"] == "rmn":
+            label = f"rmn {s['backbone']} N={s['num_procedures']} {s['attention']}"
+        else:
+            label = f"baseline {s['backbone']}" + {"se": " +SE", "ca": " +CA"}.get(s["attention"], "")
         loads = "  ".join(
             f"s{k[len('load_stage'):]}:[" + " ".join(f"{v:.2f}" for v in s["routing"][k]) + "]"
             for k in sorted(s["routing"]) if k.startswith("load_stage")

@@ -12,7 +12,6 @@ Each step checks that the run is where it expects and is a no-op when it is alre
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..analysis.routing import load_stats
 from ..bn_match import match_batchnorm
 from ..kmeans import kmeans
 from ..network import RoutedNetwork, clone_optimizer
+from ..precision import FLOAT32, Precision, compile_parts, uncompile
 from ..syncbn import convert_sync_batchnorm
 from . import build
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -34,6 +34,7 @@ from .logs import RunLog, Throughput, progress, progress_mode
 from .schedule import lr_at
 
 PHASES = ("stem", "cloned", "memory", "routed", "baseline")
+HOST_CHECK_EVERY = 25  # on an accelerator, steps between host reads of the loss (divergence check, progress bar)
 
 
 class RecipeError(RuntimeError):
@@ -56,6 +57,8 @@ class Run:
     loaders: tuple = ()
     log: RunLog | None = None
     ddp: torch.nn.Module | None = None  # DistributedDataParallel around ``model`` under torchrun
+    precision: Precision = FLOAT32  # run.amp / run.channels_last on this device (set by _ready)
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (disabled otherwise)
 
     def wrap(self) -> None:
         """(Re)build the training wrapper around ``model``: SyncBN if asked, DDP when distributed
@@ -116,6 +119,13 @@ class Run:
         return run
 
     def _ready(self) -> "Run":
+        self.precision = Precision(self.cfg.run.amp, self.cfg.run.channels_last, self.device.type)
+        self.precision.model(self.model)
+        if self.cfg.run.compile:
+            compile_parts(self.model)
+        self.scaler = self.precision.scaler()
+        if self.scaler.is_enabled() and "grad_scaler" in self.extra:  # resume: the scale it had reached
+            self.scaler.load_state_dict(self.extra["grad_scaler"])
         self.wrap()
         self.loaders = build.build_loaders(self.cfg, self.data, self.device, distributed.rank(), distributed.world_size())
         if distributed.rank() == 0:
@@ -127,6 +137,8 @@ class Run:
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
         self.seq += 1
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.extra["grad_scaler"] = self.scaler.state_dict()
         if distributed.rank() == 0:
             spec = self.data.spec
             shape = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": self.data.image_size}
@@ -215,6 +227,9 @@ def train_epochs(run: Run, end_epoch: int) -> None:
     """Train from ``run.epoch`` to ``end_epoch``: the same loop for every phase; routed stages update
     their memories once per optimizer step, over the whole (accumulated) batch."""
     cfg, model, opt, fwd = run.cfg, run.model, run.optimizer, run.train_model
+    prec, scaler = run.precision, run.scaler
+    # reading the loss on the host waits for the device: on CPU that costs nothing, on a GPU every few steps
+    host_every = 1 if run.device.type == "cpu" else HOST_CHECK_EVERY
     train_loader = run.loaders[0]
     total_steps, warmup_steps = _schedule(run)
     micro = cfg.data.micro_batch_size
@@ -228,8 +243,10 @@ def train_epochs(run: Run, end_epoch: int) -> None:
         revived = 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
         correct = torch.zeros((), dtype=torch.long, device=run.device)
+        finite = torch.ones((), dtype=torch.bool, device=run.device)
         bar = progress(train_loader, len(train_loader), f"{run.phase} {epoch + 1}/{run.total_epochs}", mode)
         for x, y in bar:
+            x = prec.batch(x)
             lr = lr_at(run.step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.start_lr, cfg.optim.end_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -240,13 +257,15 @@ def train_epochs(run: Run, end_epoch: int) -> None:
                 # gradients are all-reduced once, on the last micro-batch of the step
                 sync = run.ddp.no_sync() if run.ddp is not None and k < len(pieces) - 1 else contextlib.nullcontext()
                 with sync:
-                    logits = fwd(xm)
-                    loss = F.cross_entropy(logits, ym, label_smoothing=cfg.optim.label_smoothing)
-                    (loss * (xm.shape[0] / x.shape[0])).backward()
+                    with prec.autocast():
+                        logits = fwd(xm)
+                        loss = F.cross_entropy(logits, ym, label_smoothing=cfg.optim.label_smoothing)
+                    scaler.scale(loss * (xm.shape[0] / x.shape[0])).backward()
                 loss_sum += loss.detach().double() * xm.shape[0]
                 correct += (logits.argmax(1) == ym).sum()
-            if not math.isfinite(float(loss.detach())):
-                raise RecipeError(f"training diverged at step {run.step} (loss {float(loss.detach())}); lower optim.lr")
+                finite &= torch.isfinite(loss.detach())
+            if (run.step + 1) % host_every == 0 and not bool(finite):
+                raise RecipeError(f"training diverged {'at' if host_every == 1 else 'at or before'} step {run.step} (loss {float(loss.detach())}); lower optim.lr")
             revivals = model.update_memories()  # once per optimizer step, over the whole (global) batch
             for stage_i, dead, donor in revivals:
                 if cfg.model.revive_reclone:
@@ -257,11 +276,14 @@ def train_epochs(run: Run, end_epoch: int) -> None:
             model.drop_idle_gradients()
             if cfg.optim.procedure_grad_scale != 1.0 and model.routed:
                 model.scale_procedure_gradients(cfg.optim.procedure_grad_scale)
-            opt.step()
+            scaler.step(opt)  # fp16: unscales, and skips the step if a gradient overflowed
+            scaler.update()
             run.step += 1
             meter.add(x.shape[0])
-            if mode == "bar":
+            if mode == "bar" and run.step % host_every == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.3g}", img_s=f"{meter.rate:.0f}")
+        if not bool(finite):
+            raise RecipeError(f"training diverged in epoch {epoch + 1} (a non-finite loss by step {run.step}); lower optim.lr")
         run.epoch = epoch + 1
         distributed.average_batchnorm_statistics(model)
         totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(meter.images), dtype=torch.float64, device=run.device)])
@@ -318,7 +340,8 @@ def evaluate(run: Run, loader=None) -> dict:
     n = torch.zeros(3, dtype=torch.float64, device=run.device)  # samples, top-1 hits, top-5 hits
     route_counts = torch.zeros(len(model.stages), model.num_procedures, dtype=torch.long, device=run.device)
     for x, y in loader:
-        logits = model(x)
+        with run.precision.autocast():
+            logits = model(run.precision.batch(x))
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         n += torch.stack([torch.tensor(float(x.shape[0]), device=run.device, dtype=torch.float64),
@@ -352,9 +375,11 @@ def clone(run: Run) -> Run:
         return run
     if run.epoch < run.cfg.schedule.stem_epochs:
         raise RecipeError(f"stem training is at epoch {run.epoch} of {run.cfg.schedule.stem_epochs}; run train-stem first")
-    routed = build.clone_network(run.cfg, run.model).to(run.device)
+    routed = build.clone_network(run.cfg, uncompile(run.model)).to(run.device)
     run.optimizer = clone_optimizer(run.optimizer, run.model, routed)
-    run.model = routed
+    run.model = run.precision.model(routed)
+    if run.cfg.run.compile:
+        compile_parts(run.model)
     run.wrap()
     run.phase = "cloned"
     run.say(f"[clone] {routed.num_procedures} procedures per routed stage; "
@@ -370,8 +395,10 @@ def collect_stage_features(run: Run) -> list[torch.Tensor]:
     feats: list[list[torch.Tensor]] = [[] for _ in model.stages]
     with torch.no_grad():
         for x, _ in run.loaders[2]:
-            for i, f in enumerate(model.stage_inputs(x, as_stem=True)):
-                feats[i].append(f.float())
+            with run.precision.autocast():
+                batch_feats = model.stage_inputs(run.precision.batch(x), as_stem=True)
+            for i, f in enumerate(batch_feats):
+                feats[i].append(f)
     return [torch.cat(f) for f in feats]
 
 
@@ -403,7 +430,8 @@ def init_memory(run: Run) -> Run:
     run.extra["cluster_sizes"] = sizes
     run.extra["init_memory_seconds"] = {"features": t1 - t0, "kmeans": t2 - t1}
     if run.cfg.model.match_batchnorm:
-        matched = match_batchnorm(run.model, (x for x, _ in run.loaders[2]))
+        with run.precision.autocast():
+            matched = match_batchnorm(run.model, (run.precision.batch(x) for x, _ in run.loaders[2]))
         run.extra["init_memory_seconds"]["match_batchnorm"] = time.perf_counter() - t2
         run.say(f"[init-memory] {matched} BatchNorm layers of the procedures matched to their clusters' statistics")
     run.phase = "memory"

@@ -1,0 +1,131 @@
+"""How a model's arithmetic runs: autocast dtype, memory format, gradient scaling.
+
+``Precision`` is what ``run.amp`` and ``run.channels_last`` (``--amp``, ``--channels-last``) turn
+into; the recipe applies it to training, evaluation and every feature pass (step 3, BatchNorm
+matching, the atlas), so a model never sees one precision in training and another in its features.
+
+* ``amp: bf16`` autocasts convolutions and linear layers to bfloat16 (CPUs with bf16 units and
+  GPUs); ``fp16`` to float16 with a gradient scaler (its state is saved in checkpoints, so resume
+  stays exact). ``none`` is float32.
+* ``channels_last`` stores 4-d weights and activations as NHWC, the layout fast convolution kernels
+  want; routed dispatch keeps it (:mod:`rmn.dispatch`).
+
+Routing never runs in reduced precision: nearest-memory search, memory statistics and k-means call
+:func:`float32` and compute on float32 copies of their inputs.
+
+``run.compile`` (``--compile``) compiles the parts of a network that run on whole tensors (stem,
+head, every procedure) with ``torch.compile``, leaving the routing between them eager: slice sizes
+change every step, which a compiled graph would have to guard on. It pays on GPUs; on the CPUs we
+measured it was slower than eager (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# oneDNN (torch's CPU convolutions) caches one compiled kernel per layer shape *and batch size*. A
+# routed stage hands its procedures slices whose sizes change every step, so an RMN needs many
+# more entries than the 1,024 oneDNN keeps by default; past that, kernels are evicted and compiled
+# again, which made an RMN training step up to 1.5x slower (BENCHMARKS.md). oneDNN reads this once,
+# before its first convolution, so it is set when rmn is imported; a value the user set wins.
+ONEDNN_CACHE_CAPACITY = "16384"
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
+
+
+@contextlib.contextmanager
+def float32(device_type: str) -> Iterator[None]:
+    """Autocast off for ``device_type`` inside (a no-op when it is already off)."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def float32_only(fn):
+    """Decorate a function of tensors so it never runs under autocast (device of its first tensor arg)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if torch.is_tensor(a)), None)
+        device_type = t.device.type if t is not None else "cpu"
+        if not torch.is_autocast_enabled(device_type):  # the common case, on the batch-1 path: no context
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Precision:
+    amp: str = "none"
+    channels_last: bool = False
+    device_type: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return AMP_DTYPES[self.amp]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of this precision (a null context for float32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch in this precision's memory format (autocast casts it where needed)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def model(self, model: nn.Module) -> nn.Module:
+        """Put ``model``'s 4-d parameters and buffers in this precision's memory format (in place)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """A gradient scaler: active for fp16 only (bf16 has float32's exponent range)."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.amp == "fp16")
+
+
+FLOAT32 = Precision()
+
+
+# Distinct compiled variants per code object: every stage width, with and without downsampling,
+# static and dynamic batch. torch's default (8) is below what one ResNet needs.
+RECOMPILE_LIMIT = 64
+
+
+def compile_parts(model: nn.Module) -> nn.Module:
+    """Compile ``model``'s stem, head and every procedure in place (parameter names do not change).
+
+    Accepts a :class:`rmn.network.RoutedNetwork`; the routing around the compiled parts stays eager.
+    Call :func:`uncompile` before deep-copying a compiled model (cloning does)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    parts = [model.stem, model.head] + [p for stage in model.stages for p in stage.procedures]
+    for part in parts:
+        part.compile(dynamic=True)
+    return model
+
+
+def uncompile(model: nn.Module) -> nn.Module:
+    """Drop what :func:`compile_parts` did: a compiled call wraps *its* module, so a deep copy of a
+    compiled module would still run the original's weights."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return model
