@@ -12,8 +12,8 @@ them; k-means clusters the real features those images produce in the network).
 What is timed, batch by batch over the same batches (so a load change on a shared machine hits both):
 
 * eval pass: the plain (stem) network's forward and the top-1/top-5 bookkeeping, as ``evaluate`` does;
-* feature pass: the cloned network's ``stage_inputs(x, as_stem=True)``, the call ``init_memory`` makes,
-  keeping every stage's GAP'd input, then the concatenation;
+* feature pass: ``rmn.features.stage_inputs(routed, x, "stem")`` on the cloned network, the pass
+  ``init_memory`` makes (through ``rmn.init_memories``), keeping every stage's GAP'd input, then the concatenation;
 * loading the batches (the same un-augmented loader for both; timed once, added to both sides);
 * k-means: ``rmn.kmeans.kmeans`` with the recipe's settings (``run.kmeans_iters``, ``run.kmeans_seed``)
   on each routed stage's features, best of ``--repeats``.
@@ -36,6 +36,7 @@ import torch
 
 from rmn.data import build_loader, dataset_spec
 from rmn.data.base import InMemoryDataset
+from rmn.features import stage_inputs
 from rmn.kmeans import kmeans
 from rmn.recipe import build, steps
 from rmn.recipe.config import load_config
@@ -58,7 +59,7 @@ def eval_batch(model, x, y) -> torch.Tensor:
 
 @torch.no_grad()
 def feature_batch(routed, x, store) -> None:
-    for i, f in enumerate(routed.stage_inputs(x, as_stem=True)):
+    for i, f in enumerate(stage_inputs(routed, x, "stem")):
         store[i].append(f.float())
 
 

@@ -42,3 +42,12 @@ def load_benchmark():
         return module
 
     return load
+
+
+def write_config(tmp_path_factory, name: str, config: dict):
+    """A YAML config file of ``config`` in a fresh temporary folder (for module-scoped fixtures)."""
+    import yaml
+
+    p = tmp_path_factory.mktemp("cfg") / name
+    p.write_text(yaml.safe_dump(config))
+    return p

@@ -178,3 +178,98 @@ def test_foreign_or_corrupt_files_are_refused_with_the_file_name(tmp_path):
     assert latest_checkpoint(tmp_path) is None  # nothing loadable: a fresh start, not a crash
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "ckpt-00009-stem-e9.safetensors")
+
+
+def damage(path, keep_bytes=None):
+    """Cut ``path`` to ``keep_bytes`` (default half): what a file system that lost the tail leaves."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep_bytes is None else keep_bytes])
+
+
+def test_pruning_never_deletes_a_readable_checkpoint_to_keep_a_damaged_newer_one(tmp_path):
+    """Damaged files with higher sequence numbers than every valid one: new valid checkpoints are the
+    ones kept, and the damaged files are left alone (never deleted by pruning)."""
+    model, opt = model_and_optimizer()
+    for seq in (7, 8):
+        damage(save(tmp_path, seq, model, opt, keep=5))
+    damaged = {p.name: p.read_bytes() for p in list_checkpoints(tmp_path)}
+    for seq in (1, 2, 3):
+        save(tmp_path, seq, model, opt, keep=2)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["ckpt-00002-stem-e2.safetensors", "ckpt-00003-stem-e3.safetensors", *damaged]
+    assert {n: (tmp_path / n).read_bytes() for n in damaged} == damaged
+    ckpt, skipped = ck.newest_checkpoint(tmp_path)
+    assert ckpt.meta["seq"] == 3 and [p.name for p, _ in skipped] == list(damaged)[::-1]
+    assert all("cut short" in why for _, why in skipped)
+    assert ck.newest_readable(tmp_path).name == "ckpt-00003-stem-e3.safetensors"
+
+
+def test_keep_best_keeps_the_best_eval_checkpoint_beyond_the_newest(tmp_path):
+    model, opt = model_and_optimizer()
+    accs = {1: 0.5, 2: 0.9, 3: 0.7, 4: None, 5: 0.6}  # epoch 4 not evaluated
+    for seq, acc in accs.items():
+        meta = {"config": {}, "step": seq, **({"eval_top1": acc} if acc is not None else {})}
+        save_checkpoint(tmp_path, seq, "stem", seq, model, opt, meta, keep=2, keep_best=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "ckpt-00002-stem-e2.safetensors", "ckpt-00004-stem-e4.safetensors", "ckpt-00005-stem-e5.safetensors"]
+    assert ck.best_checkpoint(tmp_path).name == "ckpt-00002-stem-e2.safetensors"
+    save_checkpoint(tmp_path, 6, "stem", 6, model, opt, {"config": {}, "step": 6, "eval_top1": 0.95}, keep=2, keep_best=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00005-stem-e5.safetensors", "ckpt-00006-stem-e6.safetensors"]
+    save_checkpoint(tmp_path, 7, "stem", 7, model, opt, {"config": {}, "step": 7}, keep=1, keep_best=False)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00007-stem-e7.safetensors"]
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("empty", "empty file"),
+    ("text", "cut short or not safetensors"),
+    ("missing_keys", "rmn metadata lacks phase, epoch"),
+    ("bad_phase", "unknown phase 'warmup'"),
+    ("bad_json", "not valid JSON"),
+    ("optimizer", "optimizer state does not match its tensors"),
+])
+def test_bad_checkpoints_are_one_line_errors_naming_the_file(tmp_path, kind, needle):
+    path = tmp_path / "ckpt-00001-stem-e1.safetensors"
+    meta = {"format": ck.FORMAT, "seq": 1, "phase": "stem", "epoch": 1, "step": 1, "config": {}}
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("model: resnet18\nthis is a YAML file renamed by mistake\n")
+    elif kind == "missing_keys":
+        save_file({"model.w": torch.zeros(2)}, str(path), metadata={"rmn": json.dumps({k: v for k, v in meta.items() if k not in ("phase", "epoch")})})
+    elif kind == "bad_phase":
+        save_file({"model.w": torch.zeros(2)}, str(path), metadata={"rmn": json.dumps(dict(meta, phase="warmup"))})
+    elif kind == "bad_json":
+        save_file({"model.w": torch.zeros(2)}, str(path), metadata={"rmn": "{not json"})
+    elif kind == "optimizer":  # the header promises a momentum tensor the file does not hold
+        opt = {"state": {"0": {"momentum_buffer": {"tensor": True}}}, "param_groups": []}
+        save_file({"model.w": torch.zeros(2)}, str(path), metadata={"rmn": json.dumps(dict(meta, optimizer=opt))})
+    with pytest.raises(CheckpointError, match=needle) as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_tensors_that_do_not_fit_the_header_model_are_one_line(tmp_path):
+    model, opt = model_and_optimizer()
+    path = save(tmp_path, 1, model, opt)
+    other = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3), nn.Linear(3, 3))
+    with pytest.raises(CheckpointError) as e:
+        ck.load_model_state(other, load_checkpoint(path))
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "\n" not in msg
+    assert "2 missing (e.g. 4.weight)" in msg and "of another shape (e.g. 0.weight: (8, 4) for (16, 4))" in msg
+    ck.load_model_state(model_and_optimizer(seed=3)[0], load_checkpoint(path))  # a matching model loads
+
+
+def test_set_aside_moves_damaged_files_and_side_cars_without_deleting(tmp_path):
+    model, opt = model_and_optimizer()
+    bad = save(tmp_path, 4, model, opt)
+    damage(bad)
+    data = bad.read_bytes()
+    target = ck.set_aside([bad])
+    assert target == tmp_path / "unreadable"
+    assert (target / bad.name).read_bytes() == data and (target / bad.with_suffix(".json").name).exists()
+    assert not bad.exists() and list_checkpoints(tmp_path) == []
+    bad.write_bytes(b"x")  # the same name again: the earlier copy is not overwritten
+    ck.set_aside([bad])
+    assert (target / bad.name).read_bytes() == data and (target / f"{bad.name}.1").read_bytes() == b"x"

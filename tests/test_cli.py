@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from rmn.cli import main
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError, load_config
+
+from conftest import write_config
 
 CONFIG = {  # 6 epochs of 11 steps on digits at 8x8; a whole run is a few seconds on one thread
     "model": {"backbone": "resnet18", "width_mult": 0.125, "num_procedures": 3, "routed_stages": [0, 1, 2]},
@@ -49,9 +50,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    p.write_text(yaml.safe_dump(CONFIG))
-    return p
+    return write_config(tmp_path_factory, "tiny.yaml", CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +74,7 @@ def reference(config_file, tmp_path_factory) -> Path:
     (["run", "{cfg}", "--optim.lr"], "--optim.lr needs a value"),
     (["run", "{cfg}", "--run.mode", "fast"], "run.mode"),
     (["run", "{cfg}", "--stem-epochs", "99"], "schedule.stem_epochs"),
+    (["run", "{cfg}", "--model.routed_stages", "[7]"], "model.routed_stages=[7] out of range: resnet18 has 4 stages"),
     (["run", "{bad_yaml}"], "not valid YAML: expected ',' or '}', but got '<stream end>' at line 2, column 1 "
                             "(while parsing a flow mapping started at line 1, column 8)"),
     (["run", "{bad_indent}"], "not valid YAML: mapping values are not allowed here at line 3, column 16"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmn.dispatch import dispatch, group_by_route
+from rmn.dispatch import dispatch, group_by_route, inverse_permutation
 
 
 def make_procs(n, cin=4, cout=6, bn=True, seed=0):
@@ -109,12 +109,14 @@ def test_each_sample_runs_exactly_one_procedure():
     assert y.flatten().tolist() == [4, 1, 4, 4, 2, 1]
 
 
-def test_group_by_route():
+def test_group_by_route_and_inverse():
     routes = torch.tensor([2, 0, 2, 1, 0])
     order, counts = group_by_route(routes, 4)
     assert counts == [2, 1, 2, 0]
     assert routes[order].tolist() == [0, 0, 1, 2, 2]
     assert order.tolist() == [1, 4, 3, 0, 2]  # stable
+    inv = inverse_permutation(order)
+    assert order[inv].tolist() == list(range(5))
 
 
 def test_empty_batch():

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from rmn import RoutedNetwork
+from rmn import RoutedNetwork, init_memories
 from rmn.distributed import data_parallel
 from rmn.syncbn import GlobalBatchNorm2d, convert_sync_batchnorm
 from tests.conftest import toy_backbone
@@ -59,6 +59,16 @@ def train_steps(net, model, data, shard):
     return out
 
 
+def init_on_shard(rank, world):
+    """rmn.init_memories on this process's half of the data (a fresh clone, as recipe step 3 sees it)."""
+    torch.manual_seed(0)
+    stem = RoutedNetwork.from_backbone(toy_backbone(), num_procedures=3, attention=True, routed_stages=())
+    net = RoutedNetwork.from_backbone(stem, num_procedures=3)
+    x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    done = init_memories(net, list(x[rank::world].split(8)), iters=20)
+    return {"memories": [b.memories.clone() for b in net.memory_banks()], "sizes": done.cluster_sizes}
+
+
 def worker(rank, world, port, outdir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -69,6 +79,7 @@ def worker(rank, world, port, outdir):
         ddp = data_parallel(net, device_ids=None)
         shard = slice(rank * B, (rank + 1) * B)
         result = train_steps(net, ddp, data, shard)
+        result[-1]["init"] = init_on_shard(rank, world)
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -91,6 +102,15 @@ def test_memories_identical_across_ranks_after_every_step(two_rank_results):
         for c0, c1 in zip(r0[s]["counts"], r1[s]["counts"]):
             one_rank_only |= bool(((c0 > 0) & (c1 == 0)).any() or ((c1 > 0) & (c0 == 0)).any())
     assert one_rank_only, "the setup must route some procedure's samples to one rank only"
+
+
+def test_init_memories_gives_every_process_the_same_memories(two_rank_results):
+    """Each process passes its own shard; k-means all-reduces, so the memories agree bit for bit and
+    the cluster sizes count both processes' samples."""
+    i0, i1 = (r[-1]["init"] for r in two_rank_results)
+    assert i0["sizes"] == i1["sizes"] and all(sum(s) == 40 for s in i0["sizes"].values())
+    for a, b in zip(i0["memories"], i1["memories"]):
+        assert torch.equal(a, b)
 
 
 def test_two_ranks_equal_one_process_with_double_batch(two_rank_results):

@@ -13,7 +13,7 @@ from rmn.attention import ConditionalAttention
 from rmn.cli import build_parser, parse_overrides
 from rmn.dispatch import dispatch, memory_format
 from rmn.memory import MemoryBank, nearest, stage_feature
-from rmn.precision import Precision, compile_parts, float32, uncompile
+from rmn.precision import Precision, compile_parts, float32_only, uncompile
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError
 from rmn.recipe.runner import run_steps
@@ -71,13 +71,15 @@ def test_kmeans_ignores_autocast():
     assert torch.equal(got.centers, want.centers) and torch.equal(got.counts, want.counts)
 
 
-def test_float32_context_restores_autocast():
+def test_float32_only_turns_autocast_off_inside_and_restores_it():
+    seen = []
+    probe = float32_only(lambda x: seen.append(torch.is_autocast_enabled("cpu")) or (x @ x).dtype)
+    x = torch.randn(3, 3)
     with BF16():
-        with float32("cpu"):
-            assert not torch.is_autocast_enabled("cpu")
-        assert torch.is_autocast_enabled("cpu")
-    with float32("cpu"):
-        assert not torch.is_autocast_enabled("cpu")
+        assert probe(x) == torch.float32
+        assert torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.bfloat16
+    assert probe(x) == torch.float32
+    assert seen == [False, False]
 
 
 @pytest.mark.parametrize("case", ["spread", "one_route", "batch_one"])
@@ -217,3 +219,22 @@ def test_compiled_parts_equal_eager_and_uncompile_makes_copies_safe(toy):
         clone.head[-1].bias.fill_(1.0)
         assert torch.equal(clone(x), torch.ones_like(want))  # runs its own weights, not the source's
         assert torch.equal(compiled(x), got)
+
+
+def test_channels_last_training_on_several_cpu_threads_is_refused(tmp_path):
+    """Precision.check_training: torch 2.13 crashes on this machine (AMD EPYC) with
+    ``Conv2d(8, 16, 1, stride=2)`` in channels_last, 2 threads, batch 3-13, backward (BENCHMARKS.md has the
+    reproducer); a run that would hit it is refused before anything is written."""
+    Precision("none", True, "cpu").check_training(1)
+    Precision("bf16", False, "cpu").check_training(2)
+    Precision("bf16", True, "cuda").check_training(8)
+    with pytest.raises(ValueError, match="run.threads 1"):
+        Precision("bf16", True, "cpu").check_training(2)
+    from rmn.recipe.steps import RecipeError, Run
+
+    try:
+        with pytest.raises(RecipeError, match="channels_last on CPU with 2 threads"):
+            Run.open(tiny_cfg(tmp_path / "x", **{"run.channels_last": True, "run.threads": 2}), resume=False)
+    finally:
+        torch.set_num_threads(1)
+    assert not (tmp_path / "x").exists()

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from rmn import features
 from rmn.data.loader import TensorLoader
 from rmn.recipe import checkpoint as ck
 from rmn.recipe import steps
@@ -110,7 +111,7 @@ def test_resume_after_clone(reference, tmp_path, monkeypatch):
     def kmeans_dies(m):
         def boom(*a, **k):
             raise Crash("interrupted during k-means")
-        m.setattr(steps, "kmeans", boom)
+        m.setattr(features, "kmeans", boom)  # step 3's k-means (rmn.init_memories)
 
     start = interrupt_then_resume(tmp_path, monkeypatch, kmeans_dies)
     assert start == "ckpt-00003-cloned-e2.safetensors"

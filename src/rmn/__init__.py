@@ -3,6 +3,7 @@ from . import precision  # noqa: F401  (first: sizes oneDNN's kernel cache befor
 from .attention import ConditionalAttention
 from .backbones import Backbone, create_backbone, list_backbones, register_backbone
 from .dispatch import dispatch
+from .features import MemoryInit, init_memories
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
 from .network import RoutedNetwork, clone_optimizer
@@ -20,6 +21,8 @@ __all__ = [
     "create_backbone",
     "dispatch",
     "KMeansResult",
+    "MemoryInit",
+    "init_memories",
     "kmeans",
     "list_backbones",
     "register_backbone",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .memory import nearest, stage_feature
+from .features import walk_stages
 
 
 def _norms(module: nn.Module) -> list[nn.BatchNorm2d]:
@@ -69,14 +69,10 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
     hooks = [bn.register_forward_pre_hook(recorder(key)) for key, bn in plain_norms.items()]
     try:
         for x in batches:
-            h = plain.stem(x)
-            for stage in plain.stages:
-                route = None
-                if stage.memory is not None:
-                    route = routes["now"] = nearest(stage_feature(h), stage.memory.memories)
-                h = stage.procedures[0](h)  # the plain network: every sample through the same weights
-                if stage.attention is not None:  # Conditional Attention gets the routes the routed network will use
-                    h = stage.attention(h, route)
+            # the plain network (procedure 0 for every sample), Conditional Attention fed the routes
+            # the routed network will use: the "cloned" path of the feature pass
+            for item in walk_stages(plain, x, "cloned"):
+                routes["now"] = item.routes
     finally:
         for hook in hooks:
             hook.remove()

@@ -42,7 +42,7 @@ STEP_HELP = {
 
 def _add_run_options(p: argparse.ArgumentParser, config_required: bool) -> None:
     p.add_argument("config", nargs=None if config_required else "?", help="YAML config (configs/*.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the output folder")
+    p.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in the output folder; with a larger --epochs, extend the run")
     for flag, key in SHORT_FLAGS.items():
         p.add_argument(flag, dest=key, default=None, metavar="VALUE", help=f"sets {key}")
     for flag, (key, text) in SWITCHES.items():
@@ -124,6 +124,7 @@ def _run_command(args, extra) -> int:
 
     overrides = parse_overrides(args, extra)
     cfg = _config_for(args, overrides)
+    args.resolved_config = cfg  # for the interruption message
     if args.command == "run":
         run_experiment(cfg, resume=args.resume)
         return 0
@@ -140,6 +141,20 @@ def _run_command(args, extra) -> int:
     run.say(f"{args.command}: done; the run is in phase '{run.phase}' at epoch {run.epoch} ({run.out})")
     run.log.close()
     return 0
+
+
+def _kept(cfg) -> str:
+    """What an interrupted run left to resume from, as found on disk (so the message is true)."""
+    if cfg is None:
+        return "nothing was written"
+    from .recipe.checkpoint import newest_readable
+
+    out = cfg.output_dir()
+    folders = [out / "baseline", out / "rmn"] if cfg.run.mode == "both" else [out]
+    found = [p for p in (newest_readable(f / "checkpoints") for f in folders) if p is not None]
+    if not found:
+        return f"no complete checkpoint in {out} yet (nothing to resume)"
+    return "newest complete checkpoint kept: " + ", ".join(map(str, found)) + " (continue with --resume)"
 
 
 def _eval_command(args, extra) -> int:
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = True
         return code
     except KeyboardInterrupt:
-        print("rmn: interrupted; the newest complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+        print(f"rmn: interrupted; {_kept(getattr(args, 'resolved_config', None))}", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError) as e:  # ConfigError, DataError, CheckpointError, RecipeError, ...
         if isinstance(e, RuntimeError) and type(e).__name__ not in ("RecipeError",):

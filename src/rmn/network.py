@@ -20,9 +20,10 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
+from . import features
 from .attention import ConditionalAttention
 from .backbones.base import check_image_input
-from .memory import MemoryBank, stage_feature
+from .memory import MemoryBank
 from .stage import RoutedStage
 
 AttentionKind = Literal["ca", "se"] | None
@@ -154,20 +155,10 @@ class RoutedNetwork(nn.Module):
         ``as_stem=True`` computes them as the stem network would: procedure 0 everywhere and the
         attention's not-yet-routed input. Right after cloning every procedure of a stage is the same,
         so this one pass gives the features recipe step 3 clusters, before any memory exists.
+        The pass is :func:`rmn.features.stage_inputs` (path ``"stem"``, or ``"routed"``).
         """
         check_image_input(x, self.in_channels, self.min_image_size)
-        h = self.stem(x)
-        feats = []
-        for i, stage in enumerate(self.stages):
-            feats.append(stage_feature(h))
-            if i == len(self.stages) - 1:  # the last stage's output is not an input of anything
-                break
-            if as_stem:
-                y = stage.procedures[0](h)
-                h = stage.attention(y, None) if stage.attention is not None else y
-            else:
-                h = stage(h)
-        return feats
+        return features.stage_inputs(self, x, "stem" if as_stem else "routed")
 
     @property
     def num_procedures(self) -> int:

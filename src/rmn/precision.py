@@ -10,8 +10,8 @@ matching, the atlas), so a model never sees one precision in training and anothe
 * ``channels_last`` stores 4-d weights and activations as NHWC, the layout fast convolution kernels
   want; routed dispatch keeps it (:mod:`rmn.dispatch`).
 
-Routing never runs in reduced precision: nearest-memory search, memory statistics and k-means call
-:func:`float32` and compute on float32 copies of their inputs.
+Routing never runs in reduced precision: nearest-memory search and k-means are :func:`float32_only`,
+and memory statistics are float64 sums of float32 features.
 
 ``run.compile`` (``--compile``) compiles the parts of a network that run on whole tensors (stem,
 head, every procedure) with ``torch.compile``, leaving the routing between them eager: slice sizes
@@ -24,7 +24,6 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -38,16 +37,6 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # before its first convolution, so it is set when rmn is imported; a value the user set wins.
 ONEDNN_CACHE_CAPACITY = "16384"
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
-
-
-@contextlib.contextmanager
-def float32(device_type: str) -> Iterator[None]:
-    """Autocast off for ``device_type`` inside (a no-op when it is already off)."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            yield
-    else:
-        yield
 
 
 def float32_only(fn):
@@ -94,6 +83,16 @@ class Precision:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+    def check_training(self, threads: int) -> None:
+        """Refuse what crashes: on CPU, torch's backward of a 1x1 stride-2 convolution (ResNet's
+        downsampling shortcut) in channels_last with more than one thread corrupts the heap for batches
+        below 16 (torch 2.13; seen as 'double free or corruption' or a segfault). Routed slices are
+        that small, so an RMN hits it within steps (BENCHMARKS.md has the reproducer)."""
+        if self.channels_last and self.device_type == "cpu" and threads > 1:
+            raise ValueError(
+                f"run.channels_last on CPU with {threads} threads: torch's channels_last convolution backward "
+                "corrupts memory there on small routed slices; set run.threads 1 (--run.threads 1) or drop --channels-last")
 
     def scaler(self) -> torch.amp.GradScaler:
         """A gradient scaler: active for fp16 only (bf16 has float32's exponent range)."""

@@ -185,7 +185,7 @@ def memory_atlas(
         raise ValueError("the network routes no stage: there are no memories to draw (clone it first)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    features, routes = collect_stage_features(net, images, batch_size=batch_size)
+    features, routes = collect_stage_features(net, images, batch_size=batch_size, path="routed")
     labels = None if labels is None else labels.detach().cpu().long()
     num_classes = None
     if labels is not None:

@@ -1,4 +1,5 @@
-"""Set the memories of a routed network from a batch, for benchmarks and demos with random weights.
+"""Set the memories of a routed network from a batch, for benchmarks and demos with random weights
+(recipe step 3 on a trained network is :func:`rmn.init_memories`).
 
 * :func:`init_memories` -- k-means (the paper's step 3, on a calibration batch) or Forgy random
   init (N distinct samples' features), stage after stage in one pass, so routes vary.
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..kmeans import kmeans
-from ..memory import stage_feature
+from ..features import walk_stages
 
 
 @contextlib.contextmanager
@@ -35,17 +36,16 @@ def preserved_buffers(net: nn.Module, keep: Sequence[str] = ("memories",)):
 
 
 def _stagewise(net: nn.Module, x: torch.Tensor, choose, train: bool) -> None:
-    """Run ``net`` stage by stage on ``x``; before each routed stage call ``choose(i, feats, bank)``."""
+    """Run ``net`` stage by stage on ``x`` (the routed path of :func:`rmn.features.walk_stages`);
+    before each routed stage call ``choose(i, feats, bank)`` and make its result the memories."""
     was_training = net.training
     net.train(train)
     try:
         with torch.no_grad(), preserved_buffers(net):
-            h = net.stem(x)
-            for i, stage in enumerate(net.stages):
-                bank = getattr(stage, "memory", None)
+            for item in walk_stages(net, x, "routed"):
+                bank = getattr(item.stage, "memory", None)
                 if bank is not None:
-                    bank.set_memories(choose(i, stage_feature(h), bank))
-                h = stage(h)
+                    bank.set_memories(choose(item.index, item.feature, bank))
     finally:
         net.train(was_training)
 

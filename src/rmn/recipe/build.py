@@ -8,6 +8,7 @@ import torch
 from .. import data as rdata
 from ..backbones import create_backbone
 from ..network import RoutedNetwork
+from .checkpoint import Checkpoint, CheckpointError, load_model_state
 from .config import Config
 
 ROUTED_PHASES = ("cloned", "memory", "routed")
@@ -21,12 +22,25 @@ class Data:
     image_size: int
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "run.device") -> torch.device:
+    """``name`` as a torch device this machine has; anything else is a one-line ValueError naming ``option``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but CUDA is not available on this machine (use cpu or auto)")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option}={name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option}={name!r} but CUDA is not available on this machine (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{option}={name!r} but Apple's MPS backend is not available on this machine (use cpu or auto)")
+    elif dev.type != "cpu":
+        raise ValueError(f"{option}={name!r}: rmn runs on cpu, cuda or mps, not {dev.type}")
     return dev
 
 
@@ -84,6 +98,18 @@ def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> RoutedNe
     """The network with the structure of ``phase`` (randomly initialised; load weights after)."""
     stem = build_stem_network(cfg, data_spec, image_size)
     return clone_network(cfg, stem) if phase in ROUTED_PHASES else stem
+
+
+def model_from_checkpoint(cfg: Config, data_spec, image_size: int, ckpt: Checkpoint, device, phase: str | None = None) -> RoutedNetwork:
+    """The network of ``phase`` (default: ``ckpt``'s) with ``ckpt``'s weights; a config that builds no model, or tensors that do
+    not fit it, is a one-line CheckpointError naming the file."""
+    try:
+        model = build_model(cfg, data_spec, image_size, phase or ckpt.meta["phase"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.path}: its stored config builds no model ({e})") from None
+    model = model.to(device)
+    load_model_state(model, ckpt)
+    return model
 
 
 def optimizer_kind(cfg: Config) -> str:

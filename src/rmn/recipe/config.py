@@ -92,7 +92,8 @@ class RunConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     output: Optional[str] = None  # default runs/<name>
     eval_every: int = 1
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest readable checkpoints kept; older ones are deleted
+    keep_best: bool = True  # also keep the checkpoint with the best eval top-1 (never pruned)
     kmeans_iters: int = 100
     kmeans_seed: int = 0
     kmeans_max_samples: Optional[int] = None  # cap on features per stage for k-means (None = all)

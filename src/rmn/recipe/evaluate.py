@@ -1,29 +1,37 @@
 """Evaluate a checkpoint alone: it carries its config, so it rebuilds its own model."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from . import build
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .config import from_dict
+from .checkpoint import CheckpointError, checkpoint_config, describe_skipped, load_checkpoint, newest_checkpoint
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """(model, config, checkpoint) from a checkpoint file or the newest one in a run folder."""
+def load_model(path: str | Path, device: str = "cpu", say=None):
+    """(model, config, checkpoint) from a checkpoint file or the newest readable one in a run folder;
+    ``say`` (default: stderr) hears which damaged newer files were skipped and which one is used."""
     p = Path(path)
-    dev = build.resolve_device(device)
+    dev = build.resolve_device(device, "--device")
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     if p.is_dir():
-        ckpt = latest_checkpoint(p / "checkpoints" if (p / "checkpoints").is_dir() else p, dev)
+        ckpt, skipped = newest_checkpoint(p / "checkpoints" if (p / "checkpoints").is_dir() else p, dev)
         if ckpt is None:
-            raise CheckpointError(f"{p} holds no readable checkpoint")
+            found = f" (unreadable: {describe_skipped(skipped)})" if skipped else ""
+            raise CheckpointError(f"{p} holds no readable checkpoint{found}")
+        for skip, why in skipped:
+            say(f"rmn: skipped {skip.name}: {why}")
+        if skipped:
+            say(f"rmn: using {ckpt.path.name}, the newest readable checkpoint")
     else:
         ckpt = load_checkpoint(p, dev)
-    cfg = from_dict(ckpt.meta["config"])
-    shape = ckpt.meta["data_shape"]  # the data the model was built for; no dataset needed to rebuild it
+    cfg = checkpoint_config(ckpt)
+    shape = ckpt.meta.get("data_shape")  # the data the model was built for; no dataset needed to rebuild it
+    if not isinstance(shape, dict) or not {"num_classes", "in_channels", "image_size"} <= set(shape):
+        raise CheckpointError(f"{ckpt.path}: rmn metadata lacks data_shape (num_classes, in_channels, image_size)")
     spec = SimpleNamespace(num_classes=shape["num_classes"], in_channels=shape["in_channels"])
-    model = build.build_model(cfg, spec, shape["image_size"], ckpt.meta["phase"]).to(dev)
-    model.load_state_dict(ckpt.model_state)
+    model = build.model_from_checkpoint(cfg, spec, shape["image_size"], ckpt, dev)
     model.eval()
     return model, cfg, ckpt
 
@@ -40,7 +48,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str |
         cfg.data.root = data_root
     cfg.run.device = device
     data = build.build_data(cfg)
-    dev = build.resolve_device(device)
+    dev = build.resolve_device(device, "--device")
     loaders = build.build_loaders(cfg, data, dev)
     precision = Precision(amp, channels_last, dev.type)
     run = Run(cfg, Path(ckpt.path).parent, dev, data, precision.model(model), None, ckpt.meta["phase"], loaders=loaders,

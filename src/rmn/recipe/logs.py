@@ -1,8 +1,13 @@
-"""Per-run logs: metrics.jsonl (the source of truth), metrics.csv, TensorBoard scalars, progress.
+"""Per-run logs: metrics.jsonl (the source of truth), metrics.csv, TensorBoard, progress and ETA.
 
 Every row carries the sequence number of the checkpoint written right after it. On resume, rows
 newer than the checkpoint resumed from are dropped, so a run killed between logging and
 checkpointing never shows an epoch twice.
+
+TensorBoard (optional: imported only when ``run.tensorboard`` is on) gets the per-epoch scalars on
+the epoch axis in ``tensorboard/``, the per-step training loss and LR on the optimizer-step axis in
+``tensorboard/steps/`` (its own writer, so a resume purges each axis at its own position), per-epoch
+route histograms, and the memory atlas images.
 """
 from __future__ import annotations
 
@@ -42,11 +47,15 @@ class RunLog:
         self.jsonl = self.out / "metrics.jsonl"
         self.csv = self.out / "metrics.csv"
         self.tb = None
+        self.tb_steps = None
         self.rows: list[dict] = []
+        self.dropped = 0  # rows newer than the checkpoint resumed from (they will be recomputed)
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        rows = [r for r in read_jsonl(self.jsonl) if keep_up_to_seq is not None and r.get("seq", 0) <= keep_up_to_seq]
+        before = read_jsonl(self.jsonl)
+        rows = [r for r in before if keep_up_to_seq is not None and r.get("seq", 0) <= keep_up_to_seq]
+        self.dropped = len(before) - len(rows)
         atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())
         self.rows = rows
         self._write_csv()
@@ -54,10 +63,11 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                purge = rows[-1]["epoch"] + 1 if rows else 0
-                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=purge)
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=rows[-1]["epoch"] + 1 if rows else 0)
+                self.tb_steps = SummaryWriter(str(self.out / "tensorboard" / "steps"),
+                                              purge_step=rows[-1]["step"] + 1 if rows else 0)
             except ImportError:  # tensorboard is a dependency, but a stripped-down install may lack it
-                self.tb = None
+                self.tb = self.tb_steps = None
 
     def _write_csv(self) -> None:
         keys: list[str] = []
@@ -87,9 +97,43 @@ class RunLog:
                         self.tb.add_scalar(f"routing/{k}/memory{j}", share, row["epoch"])
             self.tb.flush()
 
+    def step(self, step: int, loss: float, lr: float) -> None:
+        """One optimizer step's training loss and LR (TensorBoard only; metrics.jsonl stays per epoch)."""
+        if self.tb_steps is not None:
+            self.tb_steps.add_scalar("train/loss", loss, step)
+            self.tb_steps.add_scalar("train/lr", lr, step)
+
+    def route_histograms(self, epoch: int, counts: dict[str, list[int]]) -> None:
+        """Per routed stage, how many training samples of the epoch went to each memory (one bucket per memory)."""
+        if self.tb is None:
+            return
+        for name, c in counts.items():
+            total = sum(c)
+            if total == 0:
+                continue
+            used = [i for i, n in enumerate(c) if n]
+            self.tb.add_histogram_raw(f"routes/{name}", min=used[0], max=used[-1], num=total,
+                                      sum=sum(i * n for i, n in enumerate(c)), sum_squares=sum(i * i * n for i, n in enumerate(c)),
+                                      bucket_limits=[i + 0.5 for i in range(len(c))], bucket_counts=list(c), global_step=epoch)
+        self.tb.flush()
+
+    def images(self, epoch: int, paths: Iterable[Path]) -> None:
+        """PNG files (the memory atlas) as TensorBoard images, tagged by file name."""
+        if self.tb is None:
+            return
+        from matplotlib.image import imread
+
+        for p in paths:
+            img = imread(str(p))
+            if img.ndim == 2:
+                img = img[:, :, None].repeat(3, axis=2)
+            self.tb.add_image(f"atlas/{Path(p).stem}", img[:, :, :3], epoch, dataformats="HWC")
+        self.tb.flush()
+
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for w in (self.tb, self.tb_steps):
+            if w is not None:
+                w.close()
 
 
 def progress_mode(setting: str) -> str:
@@ -105,6 +149,36 @@ def progress(iterable: Iterable, total: int, desc: str, mode: str):
 
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
     return iterable
+
+
+def format_duration(seconds: float) -> str:
+    """'2h05m', '3m12s', '45s'."""
+    s = max(0, int(round(seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class RunClock:
+    """Whole-run ETA from this invocation's pace: seconds per optimizer step so far (evaluation included)
+    times the steps left to the run's last epoch. Clone and k-means are not counted."""
+
+    def __init__(self, start_step: int, total_steps: int) -> None:
+        self.start = time.perf_counter()
+        self.start_step = start_step
+        self.total_steps = total_steps
+
+    def eta(self, step: int) -> float | None:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.start) / done * max(self.total_steps - step, 0)
+
+    def text(self, step: int) -> str:
+        eta = self.eta(step)
+        return "?" if eta is None else format_duration(eta)
 
 
 class Throughput:

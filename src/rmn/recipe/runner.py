@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..analysis.cost import count_params, macs_per_image
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, best_checkpoint
 from .config import Config
 from .steps import Run, clone, evaluate, init_memory, routing_row, train_baseline, train_routed, train_stem
 
@@ -23,6 +23,14 @@ def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict
     """Train one model to the end (resuming where it stopped) and write its summary.json."""
     t0 = time.perf_counter()
     run = Run.open(cfg, resume=resume, baseline=baseline)
+    done = run.out / "summary.json"
+    if run.finished:
+        where = f"{run.out} is finished ({run.phase}, epoch {run.epoch} of {run.total_epochs})"
+        if done.is_file():
+            run.say(f"[resume] {where}; its summary is {done} (a larger --epochs with --resume extends the run)")
+            run.log.close()
+            return json.loads(done.read_text())
+        run.say(f"[resume] {where}; writing its summary")
     if run.phase == "baseline":
         train_baseline(run)
     else:
@@ -46,6 +54,7 @@ def write_atlas(run: Run) -> dict:
                               image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
                               title=run.cfg.run.name)
     run.say(f"[atlas] {run.out / 'atlas' / 'atlas.html'}")
+    run.log.images(run.epoch, sorted((run.out / "atlas").glob("*.png")))
     return paths
 
 
@@ -68,6 +77,7 @@ def write_summary(run: Run, seconds: float) -> dict:
         "eval_top1": final.get("eval_top1"),
         "eval_top5": final.get("eval_top5"),
         "best_eval_top1": max((r["eval_top1"] for r in run.log.rows if "eval_top1" in r), default=final.get("eval_top1")),
+        "best_checkpoint": _name(best_checkpoint(run.out / "checkpoints")) if run.cfg.run.keep_best else None,
         "params": count_params(run.model),
         "macs_per_image": macs_per_image(run.model, (spec.in_channels, size, size)),
         "dead_procedures": stats.get("dead_procedures", 0),
@@ -78,6 +88,10 @@ def write_summary(run: Run, seconds: float) -> dict:
     if distributed.rank() == 0:
         atomic_write_bytes(run.out / "summary.json", json.dumps(summary, indent=1).encode())
     return summary
+
+
+def _name(path: Path | None) -> str | None:
+    return None if path is None else path.name
 
 
 def run_experiment(cfg: Config, resume: bool = False) -> list[dict]:

@@ -12,6 +12,7 @@ Each step checks that the run is where it expects and is a no-op when it is alre
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +24,17 @@ import torch.nn.functional as F
 from .. import distributed
 from ..analysis.routing import load_stats
 from ..bn_match import match_batchnorm
-from ..kmeans import kmeans
+from ..features import init_memories
 from ..network import RoutedNetwork, clone_optimizer
 from ..precision import FLOAT32, Precision, compile_parts, uncompile
 from ..syncbn import convert_sync_batchnorm
 from . import build
-from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from .config import Config, ConfigError, from_dict
-from .logs import RunLog, Throughput, progress, progress_mode
+from .checkpoint import (PHASES, Checkpoint, CheckpointError, checkpoint_config, describe_skipped, latest_checkpoint,
+                         load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
+from .config import Config, ConfigError, ScheduleConfig
+from .logs import RunClock, RunLog, Throughput, progress, progress_mode
 from .schedule import lr_at
 
-PHASES = ("stem", "cloned", "memory", "routed", "baseline")
 HOST_CHECK_EVERY = 25  # on an accelerator, steps between host reads of the loss (divergence check, progress bar)
 
 
@@ -77,34 +78,62 @@ class Run:
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     def open(cls, cfg: Config, resume: bool = True, baseline: bool | None = None) -> "Run":
-        """A run in ``cfg.output_dir()``: resumed from its newest checkpoint, or started fresh."""
+        """A run in ``cfg.output_dir()``: resumed from its newest readable checkpoint, or started fresh.
+
+        Resuming says which checkpoint it continues from and which newer files it skipped (moved to
+        ``checkpoints/unreadable/``); when no checkpoint file reads, it stops and changes nothing."""
         out = cfg.output_dir()
+        local = build.resolve_device(cfg.run.device)  # a device this machine lacks is refused first
         # Under torchrun: join the process group (gloo on CPU, NCCL with one GPU per process).
-        device = distributed.init_from_env(cfg.run.device) or build.resolve_device(cfg.run.device)
+        device = distributed.init_from_env(cfg.run.device) or local
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        ckpt = latest_checkpoint(out / "checkpoints", device)
-        if ckpt is not None and not resume:
-            raise RecipeError(f"{out} already holds a run (checkpoint {ckpt.path.name}); pass --resume to continue it or choose another --output")
+        try:
+            Precision(cfg.run.amp, cfg.run.channels_last, device.type).check_training(torch.get_num_threads())
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        _check_output(out)
+        ckpt, skipped = newest_checkpoint(out / "checkpoints", device)
+        _check_found(out, ckpt, skipped, resume)
         if ckpt is None and cfg.run.start_from:
             is_baseline = baseline if baseline is not None else cfg.run.mode == "baseline"
             return cls._started_from(cfg, out, device, _plain_checkpoint(cfg, device), "baseline" if is_baseline else "stem")
+        old_schedule = None
         if ckpt is not None:
-            saved = from_dict(ckpt.meta["config"])
-            _check_same_run(saved, cfg, ckpt.path)
-            saved.run = cfg.run  # run settings (device, progress, output...) are the caller's
+            saved = checkpoint_config(ckpt)
+            _check_resume(saved, cfg, ckpt)
+            old_schedule = saved.schedule
+            saved.run, saved.schedule = cfg.run, cfg.schedule  # run settings are the caller's; epochs may grow
             cfg = saved
         data = build.build_data(cfg)
         if ckpt is None:
             torch.manual_seed(cfg.run.seed)
             phase = "baseline" if (baseline if baseline is not None else cfg.run.mode == "baseline") else "stem"
             model = build.build_stem_network(cfg, data.spec, data.image_size).to(device)
-            run = cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase)
-        else:
-            m = ckpt.meta
-            run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, m["phase"], device), m["phase"],
-                      m["epoch"], m["step"], m["seq"], m.get("extra", {}))
-        return run._ready()
+            _check_routed_stages(cfg, model)
+            return cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase)._ready()
+        m = ckpt.meta
+        run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, m["phase"], device), m["phase"],
+                  m["epoch"], m["step"], m["seq"], m.get("extra", {}))
+        moved = set_aside([p for p, _ in skipped]) if distributed.rank() == 0 else None
+        run._ready()
+        run._say_resumed(ckpt, skipped, moved, old_schedule)
+        return run
+
+    def _say_resumed(self, ckpt: Checkpoint, skipped: list, moved: Path | None, old: ScheduleConfig) -> None:
+        """What --resume did: every file it skipped and why, where it continues, and a schedule change."""
+        for path, why in skipped:
+            self.say(f"[resume] skipped {path.name}: {why}" + (f"; moved to {moved}/" if moved else ""))
+        where = f"{self.phase}, epoch {self.epoch} of {self.total_epochs}, step {self.step}"
+        dropped = f"; {self.log.dropped} metrics row(s) written after it will be recomputed" if self.log.dropped else ""
+        if not self.finished:
+            self.say(f"[resume] continuing from {ckpt.path} ({where}){dropped}")
+        if old.epochs != self.total_epochs:
+            self.say(_schedule_change(self, old))
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("routed", "baseline") and self.epoch >= self.total_epochs
 
     @classmethod
     def _started_from(cls, cfg: Config, out: Path, device: torch.device, ckpt: Checkpoint, phase: str) -> "Run":
@@ -113,6 +142,7 @@ class Run:
         m = ckpt.meta
         run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, "stem", device), phase, m["epoch"], m["step"], 0,
                   {"started_from": f"{ckpt.path} (epoch {m['epoch']})"})
+        _check_routed_stages(cfg, run.model)
         run._ready()
         run.say(f"[start] epochs 1-{m['epoch']} taken from {ckpt.path} ({m['phase']} run)")
         run.save()  # the copy is this run's own: resuming no longer needs run.start_from's files
@@ -129,13 +159,17 @@ class Run:
         self.wrap()
         self.loaders = build.build_loaders(self.cfg, self.data, self.device, distributed.rank(), distributed.world_size())
         if distributed.rank() == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"run.output={self.out}: cannot create it ({e.strerror})") from None
             (self.out / "config.yaml").write_text(self.cfg.to_yaml())
         self.log = RunLog(self.out, self.seq, self.cfg.run.tensorboard, enabled=distributed.rank() == 0)
         return self
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, eval_top1: float | None = None) -> None:
+        """Write the next checkpoint; ``eval_top1`` (when this epoch was evaluated) lets run.keep_best find it."""
         self.seq += 1
         if self.scaler is not None and self.scaler.is_enabled():
             self.extra["grad_scaler"] = self.scaler.state_dict()
@@ -143,8 +177,10 @@ class Run:
             spec = self.data.spec
             shape = {"num_classes": spec.num_classes, "in_channels": spec.in_channels, "image_size": self.data.image_size}
             meta = {"config": self.cfg.to_dict(), "step": self.step, "extra": self.extra, "data_shape": shape}
+            if eval_top1 is not None:
+                meta["eval_top1"] = eval_top1
             save_checkpoint(self.out / "checkpoints", self.seq, self.phase, self.epoch, self.model, self.optimizer, meta,
-                            keep=self.cfg.run.keep_checkpoints)
+                            keep=self.cfg.run.keep_checkpoints, keep_best=self.cfg.run.keep_best)
 
     def say(self, text: str) -> None:
         if distributed.rank() == 0 and self.cfg.run.progress != "none":
@@ -157,6 +193,8 @@ class Run:
 
 # Keys that change neither the model nor the schedule: where the data lives and how it is fed.
 FEEDING_ONLY = {("data", k) for k in ("workers", "eval_batch_size", "root", "micro_batch_size")}
+# Keys a resumed run may change, within the limits :func:`_check_resume` sets.
+SCHEDULE_LENGTH = {("schedule", "epochs"), ("schedule", "stem_epochs")}
 
 
 def _first_difference(saved: Config, given: Config, ignore: set[tuple[str, str]]) -> str | None:
@@ -169,20 +207,80 @@ def _first_difference(saved: Config, given: Config, ignore: set[tuple[str, str]]
     return None
 
 
-def _check_same_run(saved: Config, given: Config, path: Path) -> None:
-    """Resuming with a config that would build a different model or schedule is refused."""
-    diff = _first_difference(saved, given, FEEDING_ONLY)
+def _check_output(out: Path) -> None:
+    """run.output must be a folder, or a path one can create: said before any training, not after."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output={out} exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output={out}: cannot write in {parent}")
+
+
+def _check_routed_stages(cfg: Config, model: RoutedNetwork) -> None:
+    """model.routed_stages is checked before step 1, not when step 2 meets it epochs later."""
+    n, wanted = len(model.stages), cfg.model.routed_stages
+    if wanted is not None and any(not 0 <= i < n for i in wanted):
+        raise ConfigError(f"model.routed_stages={wanted} out of range: {cfg.model.backbone} has {n} stages (0..{n - 1})")
+
+
+def _check_found(out: Path, ckpt: Checkpoint | None, skipped: list, resume: bool) -> None:
+    """Refuse to overwrite a run, and to resume one none of whose checkpoints reads (changing nothing)."""
+    if ckpt is not None and not resume:
+        raise RecipeError(f"{out} already holds a run (checkpoint {ckpt.path.name}); pass --resume to continue it or choose another --output")
+    if ckpt is None and skipped:
+        where = out / "checkpoints"
+        if not resume:
+            raise RecipeError(f"{where} holds checkpoint files but none is readable [{describe_skipped(skipped)}]; "
+                              "nothing was changed: choose another --output")
+        raise RecipeError(f"cannot resume {where}: none of its {len(skipped)} checkpoint file(s) is readable "
+                          f"[{describe_skipped(skipped)}]; nothing was changed or deleted: move them away to start "
+                          "afresh in this folder, or choose another --output")
+
+
+def _check_resume(saved: Config, given: Config, ckpt: Checkpoint) -> None:
+    """Resuming with a config that would build a different model or schedule is refused; only the
+    number of epochs may change (to no fewer than are done), and stem_epochs only before cloning."""
+    path, done, phase = ckpt.path, ckpt.meta["epoch"], ckpt.meta["phase"]
+    diff = _first_difference(saved, given, FEEDING_ONLY | SCHEDULE_LENGTH)
     if diff:
         raise ConfigError(f"{diff} in {path}; resume with the run's own config.yaml or start a new --output")
+    if given.schedule.epochs < done:
+        raise ConfigError(f"schedule.epochs={given.schedule.epochs} (--epochs) is fewer than the {done} epochs "
+                          f"{path} has done; a run cannot be shortened below what it trained")
+    stem = given.schedule.stem_epochs
+    if stem != saved.schedule.stem_epochs:
+        if phase != "stem":
+            raise ConfigError(f"schedule.stem_epochs={stem} differs from {saved.schedule.stem_epochs} in {path}; "
+                              f"the run was cloned after epoch {saved.schedule.stem_epochs} and step 1 cannot change now")
+        if stem < done:
+            raise ConfigError(f"schedule.stem_epochs={stem} is fewer than the {done} stem epochs {path} has done")
+
+
+def _schedule_change(run: Run, old: ScheduleConfig) -> str:
+    """The printed account of a resumed run whose total epochs changed: the cosine is a function of the
+    total, so from here on the LR follows the new run's curve (a jump, not a smooth continuation)."""
+    steps = len(run.loaders[0])
+    o = run.cfg.optim
+    warm = round(o.warmup_epochs * steps)
+    before = lr_at(run.step, old.epochs * steps, warm, o.lr, o.start_lr, o.end_lr)
+    after = lr_at(run.step, run.total_epochs * steps, warm, o.lr, o.start_lr, o.end_lr)
+    return (f"[resume] schedule.epochs {old.epochs} -> {run.total_epochs}: the learning rate follows the cosine "
+            f"schedule of {run.total_epochs} epochs from step {run.step} on, so it goes from {before:.4g} (the {old.epochs}-epoch "
+            f"curve) to {after:.4g} and decays to {o.end_lr:.4g} at epoch {run.total_epochs}; epochs 1-{run.epoch} keep "
+            f"the {old.epochs}-epoch curve they were trained on")
 
 
 def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device: torch.device):
     """Model (with ``phase``'s structure) and optimizer from ``ckpt``; the random state too."""
-    model = build.build_model(cfg, data.spec, data.image_size, phase).to(device)
-    model.load_state_dict(ckpt.model_state)
+    model = build.model_from_checkpoint(cfg, data.spec, data.image_size, ckpt, device, phase)
     optimizer = build.build_optimizer(cfg, model)
     if ckpt.optimizer_state is not None:
-        optimizer.load_state_dict(ckpt.optimizer_state)
+        try:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{ckpt.path}: its optimizer state does not fit the model ({e})") from None
     restore_rng(ckpt)
     return model, optimizer
 
@@ -211,7 +309,7 @@ def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
     if epoch > cfg.schedule.stem_epochs:
         raise RecipeError(f"{where}: {ckpt.path.name} is at epoch {epoch}, past schedule.stem_epochs={cfg.schedule.stem_epochs}")
     ignore = FEEDING_ONLY | ROUTING_ONLY | ({("model", "num_procedures")} if cfg.model.attention != "ca" else set())
-    diff = _first_difference(from_dict(ckpt.meta["config"]), cfg, ignore)
+    diff = _first_difference(checkpoint_config(ckpt), cfg, ignore)
     if diff:
         raise ConfigError(f"{where}: {diff} in {ckpt.path}")
     return ckpt
@@ -235,6 +333,7 @@ def train_epochs(run: Run, end_epoch: int) -> None:
     micro = cfg.data.micro_batch_size
     mode = progress_mode(cfg.run.progress)
     model.auto_update = False
+    clock = RunClock(run.step, total_steps)
     for epoch in range(run.epoch, end_epoch):
         model.train()
         model.reset_load()
@@ -280,8 +379,8 @@ def train_epochs(run: Run, end_epoch: int) -> None:
             scaler.update()
             run.step += 1
             meter.add(x.shape[0])
-            if mode == "bar" and run.step % host_every == 0:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.3g}", img_s=f"{meter.rate:.0f}")
+            if run.step % host_every == 0:
+                _after_step(run, bar if mode == "bar" else None, float(loss.detach()), lr, meter, clock)
         if not bool(finite):
             raise RecipeError(f"training diverged in epoch {epoch + 1} (a non-finite loss by step {run.step}); lower optim.lr")
         run.epoch = epoch + 1
@@ -301,8 +400,23 @@ def train_epochs(run: Run, end_epoch: int) -> None:
             row["revived"] = revived
         row["seq"] = run.seq + 1
         run.log.write(row)
-        run.say(_epoch_line(row))
-        run.save()
+        _log_routes(run)
+        run.say(_epoch_line(row) + (f" | run ETA {clock.text(run.step)}" if run.epoch < run.total_epochs else ""))
+        run.save(row.get("eval_top1"))
+
+
+def _after_step(run: Run, bar, loss: float, lr: float, meter: Throughput, clock: RunClock) -> None:
+    """Per-step reporting: TensorBoard's step loss, and the bar's loss, LR, speed and whole-run ETA."""
+    run.log.step(run.step, loss, lr)
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{meter.rate:.0f}", run_eta=clock.text(run.step))
+
+
+def _log_routes(run: Run) -> None:
+    """The epoch's route histogram of every routed stage (global counts: called after their all-reduce)."""
+    counts = {f"stage{i}": [int(c) for c in b.load.tolist()] for i, b in enumerate(run.model.memory_banks()) if b is not None}
+    if counts:
+        run.log.route_histograms(run.epoch, counts)
 
 
 def routing_row(model: RoutedNetwork) -> dict:
@@ -388,47 +502,23 @@ def clone(run: Run) -> Run:
     return run
 
 
-def collect_stage_features(run: Run) -> list[torch.Tensor]:
-    """One eval pass of the stem network over the un-augmented training set: every stage's GAP'd input."""
-    model = run.model
-    model.eval()
-    feats: list[list[torch.Tensor]] = [[] for _ in model.stages]
-    with torch.no_grad():
-        for x, _ in run.loaders[2]:
-            with run.precision.autocast():
-                batch_feats = model.stage_inputs(run.precision.batch(x), as_stem=True)
-            for i, f in enumerate(batch_feats):
-                feats[i].append(f)
-    return [torch.cat(f) for f in feats]
-
-
 def init_memory(run: Run) -> Run:
-    """Step 3: k-means (k = N) on each routed stage's input features; the centres become memories."""
+    """Step 3: k-means (k = N) on each routed stage's input features over the un-augmented training
+    set; the centres become memories (:func:`rmn.init_memories`, with the run's k-means settings)."""
     if run.phase != "cloned":
         if run.phase == "stem":
             raise RecipeError("the network is not cloned yet; run clone first")
         return run
-    t0 = time.perf_counter()
-    feats = collect_stage_features(run)
-    t1 = time.perf_counter()
-    sizes = {}
-    cap = run.cfg.run.kmeans_max_samples
-    if cap:  # under torch.distributed each rank clusters its share of the cap
-        cap = max(1, cap // distributed.world_size())
+    cfg = run.cfg.run
+    done = init_memories(run.model, run.loaders[2], iters=cfg.kmeans_iters, seed=cfg.kmeans_seed,
+                         max_samples=cfg.kmeans_max_samples, precision=run.precision)
     for i, bank in enumerate(run.model.memory_banks()):
-        if bank is None:
-            continue
-        x = feats[i]
-        if cap and x.shape[0] > cap:
-            g = torch.Generator().manual_seed(run.cfg.run.kmeans_seed)
-            x = x[torch.randperm(x.shape[0], generator=g)[:cap].to(x.device)]
-        res = kmeans(x, bank.num_memories, max_iter=run.cfg.run.kmeans_iters, seed=run.cfg.run.kmeans_seed)
-        bank.set_memories(res.centers)
-        sizes[f"stage{i}"] = res.counts.tolist()
-        run.say(f"[init-memory] stage {i}: {int(res.counts.sum())} features of dim {x.shape[1]}, cluster sizes {res.counts.tolist()}")
+        if bank is not None:
+            sizes = done.cluster_sizes[f"stage{i}"]
+            run.say(f"[init-memory] stage {i}: {sum(sizes)} features of dim {bank.dim}, cluster sizes {sizes}")
     t2 = time.perf_counter()
-    run.extra["cluster_sizes"] = sizes
-    run.extra["init_memory_seconds"] = {"features": t1 - t0, "kmeans": t2 - t1}
+    run.extra["cluster_sizes"] = done.cluster_sizes
+    run.extra["init_memory_seconds"] = dict(done.seconds)
     if run.cfg.model.match_batchnorm:
         with run.precision.autocast():
             matched = match_batchnorm(run.model, (run.precision.batch(x) for x, _ in run.loaders[2]))
