@@ -37,20 +37,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from rmn.recipe import load_config, run_steps  # noqa: E402
+from rmn.recipe import load_config  # noqa: E402
 from rmn.recipe.steps import Run, train_stem  # noqa: E402
-
-DATA = Path("/usr/share/datasets/fashion-mnist")
+from study_runs import ensure_data, epoch_log, train_and_record  # noqa: E402,F401  (epoch_log: tests use it here)
 REPRODUCTION = {
     "baseline": ("baseline (batch 256)", {"run.mode": "baseline", "data.batch_size": 256}),
     "baseline_se": ("baseline + SE (batch 256)", {"run.mode": "baseline", "data.batch_size": 256, "model.attention": "se"}),
@@ -119,14 +116,6 @@ def routed_procedures(study: str) -> int:
     return STAGES * load_config(BASE_CONFIG[next(iter(STUDIES[study]))]).model.num_procedures
 
 
-def ensure_data() -> None:
-    if (DATA / "train-images-idx3-ubyte.gz").exists():
-        return
-    print(f"Fashion-MNIST is not in {DATA}: installing Debian's dataset-fashion-mnist with apt-get", flush=True)
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
-
-
 def tagged(row: str, epochs: int | None) -> str:
     """A row's name in run folders and result files: runs with other --epochs never mix with the study's."""
     return row if epochs is None else f"{row}-e{epochs}"
@@ -158,34 +147,14 @@ def shared_stem(row: str, seed: int, epochs: int | None, threads: int, out_root:
     return cfg.output_dir()
 
 
-def epoch_log(out: Path) -> dict:
-    """Per-epoch training loss, test accuracy and dead procedures of a finished run, and its revivals."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = ("epoch", "phase", "train_loss", "eval_top1", "dead_procedures", "revived")
-
-    def smallest_share(r: dict) -> float | None:  # the least-loaded procedure of any stage: near-dead ones show here
-        shares = [v for k, load in r.items() if k.startswith("load_stage") for v in load]
-        return min(shares) if shares else None
-
-    return {"revived": sum(r.get("revived", 0) for r in rows),
-            "per_epoch": [{**{k: r.get(k) for k in keys}, "min_load_share": smallest_share(r)} for r in rows]}
-
-
 def run_one(row: str, seed: int, epochs: int | None, threads: int, out_root: Path, results: Path) -> dict:
     dest = results / f"{tagged(row, epochs)}-seed{seed}.json"
     if dest.exists():
         return json.loads(dest.read_text())
     extra = {"run.start_from": str(shared_stem(row, seed, epochs, threads, out_root))} if row in SHARED_STEM else {}
     cfg = config(row, seed, epochs, threads, out_root, **extra)
-    t0 = time.perf_counter()
     print(f"== {row} seed {seed}", flush=True)
-    summary = run_steps(cfg, resume=True, baseline=cfg.run.mode == "baseline")
-    summary["timing"]["study_seconds"] = time.perf_counter() - t0
-    summary.update(epoch_log(cfg.output_dir()))
-    results.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(cfg.output_dir() / "checkpoints", ignore_errors=True)  # keep the disk small; logs stay
-    return summary
+    return train_and_record(cfg, dest)
 
 
 def table(study: str, results: Path, epochs: int | None = None) -> str:

@@ -1,0 +1,54 @@
+"""What every real-data study script shares: the data check, one resumable training run recorded to a
+result file, and the per-epoch log kept in it (benchmarks/fashion_study.py, benchmarks/value_study.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from rmn.recipe import run_steps  # noqa: E402
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+
+
+def ensure_data() -> None:
+    if (DATA / "train-images-idx3-ubyte.gz").exists():
+        return
+    print(f"Fashion-MNIST is not in {DATA}: installing Debian's dataset-fashion-mnist with apt-get", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
+
+
+def epoch_log(out: Path) -> dict:
+    """Per-epoch training loss, test accuracy and dead procedures of a finished run, and its revivals."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ("epoch", "phase", "train_loss", "eval_top1", "dead_procedures", "revived")
+
+    def smallest_share(r: dict) -> float | None:  # the least-loaded procedure of any stage: near-dead ones show here
+        shares = [v for k, load in r.items() if k.startswith("load_stage") for v in load]
+        return min(shares) if shares else None
+
+    return {"revived": sum(r.get("revived", 0) for r in rows),
+            "per_epoch": [{**{k: r.get(k) for k in keys}, "min_load_share": smallest_share(r)} for r in rows]}
+
+
+def train_and_record(cfg, dest: Path, **fields) -> dict:
+    """Train ``cfg`` to its end (resuming its run folder) and write its summary, per-epoch log and ``fields``
+    to ``dest``; the checkpoints are then deleted (the logs stay) to keep the disk small."""
+    t0 = time.perf_counter()
+    summary = run_steps(cfg, resume=True, baseline=cfg.run.mode == "baseline")
+    summary["timing"]["study_seconds"] = time.perf_counter() - t0
+    summary.update(epoch_log(cfg.output_dir()))
+    summary.update(fields)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(dest)  # a kill never leaves half a result file (which would count as finished)
+    shutil.rmtree(cfg.output_dir() / "checkpoints", ignore_errors=True)
+    return summary

@@ -1,0 +1,127 @@
+"""The value study's driver (benchmarks/value_study.py): its rows are the config files the issue asks for, its
+summary is the mean and standard deviation of the per-run results (checked against hand-computed numbers), and
+REPRODUCTION.md shows exactly what it generates from results/value_study/summary.json."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rmn import data as rdata
+from rmn.analysis.cost import count_params
+from rmn.recipe import load_config
+from rmn.recipe.build import build_stem_network, clone_network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def study():
+    return _load("value_study")
+
+
+def test_config_files_are_what_the_script_writes(study):
+    assert study.stale_configs() == [], "run: python benchmarks/value_study.py configs"
+    assert sorted(p.stem for p in (ROOT / study.CONFIGS).glob("*.yaml")) == sorted(study.ROWS)
+
+
+def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
+    base = load_config(ROOT / study.BASE)
+    for row, spec in study.ROWS.items():
+        cfg = study.run_config(row, 3, 1, tmp_path)
+        assert (cfg.run.seed, cfg.output_dir()) == (3, tmp_path / row / "seed3")
+        # one learning-rate schedule for every row; only the procedures' gradient scale differs
+        assert (replace(cfg.optim, procedure_grad_scale=1.0), cfg.data.dataset) == (base.optim, "fashion-mnist")
+        if spec.part == "capacity":
+            assert (cfg.schedule.epochs, cfg.schedule.stem_epochs, cfg.data.batch_size) == (10, 4, 256)
+            assert cfg.run.mode == "baseline"
+        else:  # the paper's regime: a third of 40 epochs plain
+            assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 13)
+        if cfg.run.mode == "rmn":
+            assert cfg.model.match_batchnorm == row.endswith("_bnm")
+            assert cfg.optim.procedure_grad_scale == (2.83 if row.endswith("_gs2.83") else 1.0)
+            assert cfg.model.routed_stages == ([2, 3] if row.endswith("_late") else None)
+            assert cfg.model.num_procedures == (4 if row.endswith("_n4") else 8)
+            assert cfg.model.attention == ("ca" if "_ca_" in row else "none")
+
+
+def test_reused_baseline_results_come_from_the_same_config(study, tmp_path):
+    fashion = _load("fashion_study")
+    ours = study.run_config("baseline", 0, 1, tmp_path)
+    theirs = fashion.config("baseline", 0, None, 1, tmp_path)
+    assert (ours.model, ours.data, ours.optim, ours.schedule, ours.run.mode) == (
+        theirs.model, theirs.data, theirs.optim, theirs.schedule, theirs.run.mode)
+    assert [p.name for p in study.result_files("baseline")] == [f"baseline-seed{k}.json" for k in range(3)]
+
+
+def test_the_wide_row_has_rmn_s_parameter_count(study):
+    spec = rdata.dataset_spec("fashion-mnist")
+    rmn_cfg = load_config(ROOT / study.config_path("e40_rmn_256"))
+    rmn = count_params(clone_network(rmn_cfg, build_stem_network(rmn_cfg, spec, 28)))
+    wide = count_params(build_stem_network(load_config(ROOT / study.config_path("wide_params")), spec, 28))
+    assert (rmn, wide) == (1_405_218, 1_404_210)
+    for w in (study.WIDTH_AT_RMN_PARAMS - 0.001, study.WIDTH_AT_RMN_PARAMS + 0.001):  # no closer width
+        other = count_params(build_stem_network(load_config(ROOT / study.BASE, {"model.width_mult": w}), spec, 28))
+        assert abs(other - rmn) > abs(wide - rmn)
+
+
+def test_routed_steps_of_the_paper_regime(study, tmp_path):
+    steps = {row: study.routed_steps(study.run_config(row, 0, 1, tmp_path), 60_000 // b * 40)
+             for row, b in (("e40_rmn_256", 256), ("e40_rmn_1024", 1024), ("e40_baseline", 256))}
+    assert steps == {"e40_rmn_256": 234 * 27, "e40_rmn_1024": 58 * 27, "e40_baseline": 0}
+    assert steps["e40_rmn_256"] >= 3000  # the issue's floor
+
+
+def _run(row, seed, top1, losses, kind="rmn", dead=0, steps=2340):
+    return {"row": row, "kind": kind, "seed": seed, "eval_top1": top1, "dead_procedures": dead, "steps": steps,
+            "params": 1_405_218, "macs_per_image": 7_423_232.0, "commit": "abc",
+            "per_epoch": [{"epoch": e + 1, "train_loss": x, "eval_top1": top1 - 0.01 * (len(losses) - e - 1)}
+                          for e, x in enumerate(losses)]}
+
+
+def test_summary_is_mean_and_std_over_the_seeds_on_disk(study, tmp_path):
+    runs = [_run("e40_rmn_256", 0, 0.80, [1.0, 0.30], dead=4, steps=234 * 40),
+            _run("e40_rmn_256", 2, 0.86, [1.0, 0.20], dead=2, steps=234 * 40),
+            _run("e40_rmn_256", 1, 0.83, [1.0, 0.25], dead=3, steps=234 * 40)]
+    for r in runs:
+        (tmp_path / f"{r['row']}-seed{r['seed']}.json").write_text(json.dumps(r))
+    (tmp_path / "unknown_row-seed0.json").write_text("{}")  # not a row of the study: ignored
+    summary = study.summarize(tmp_path)
+    assert [s["row"] for s in summary] == ["baseline", "e40_rmn_256"]  # the reused baseline, then ours
+    s = summary[1]
+    assert (s["seeds"], s["top1_mean"], s["top1_std"], s["final_train_loss"], s["dead_procedures"]) == (
+        [0, 1, 2], 83.0, 3.0, 0.25, 3)
+    assert (s["kind"], s["routed_steps"], s["config"], s["commits"]) == (
+        "rmn", 234 * 27, "configs/value_study/e40_rmn_256.yaml", ["abc"])
+    assert set(s) >= {"row", "kind", "seeds", "top1_mean", "top1_std", "routed_steps", "params", "macs_per_image",
+                      "final_train_loss", "dead_procedures", "config"}
+    epochs, loss, top1 = study.curves(s)
+    assert (epochs, loss, top1) == ([1, 2], [1.0, 0.25], pytest.approx([82.0, 83.0]))
+    lines = study.table(summary).splitlines()
+    assert lines[0] == f"**{study.PARTS['capacity']}**"
+    assert lines[-1] == ("| RMN N=8 without CA (batch 256) | 0,1,2 | 83.00 ± 3.00 | 1.405M | 7.42M | 6318 | 0.2500 "
+                         "| 3.0 | `configs/value_study/e40_rmn_256.yaml` |")
+    assert "docs/value_study_paper.png" in study.render(summary)
+    assert "value_study_beyond" not in study.render(summary)  # no row of that part on disk
+
+
+def test_reproduction_md_shows_the_summary_on_disk(study):
+    summary = json.loads((study.RESULTS / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(study.summarize())), "run: python benchmarks/value_study.py collect"
+    _, block, _ = study.split_reproduction((ROOT / "REPRODUCTION.md").read_text())
+    assert block == study.render(summary), "run: python benchmarks/value_study.py collect"
+    for part in study.PARTS:
+        if f"value_study_{part}.png" in block:
+            assert study.figure_path(part).is_file()
