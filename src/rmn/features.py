@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .backbones.base import device_of
 from .kmeans import kmeans
 from .memory import nearest, stage_feature
 from .precision import FLOAT32, Precision
@@ -113,11 +114,6 @@ def batch_images(batch: Any) -> torch.Tensor:
     raise TypeError(f"a batch must be an image tensor or an (images, targets) pair, got {type(batch).__name__}")
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def collect_stage_features(
     model: nn.Module,
@@ -135,7 +131,7 @@ def collect_stage_features(
     training mode is restored afterwards.
     """
     path = resolve_path(model, path)
-    device = _device(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     feats: list[list[torch.Tensor]] = [[] for _ in model.stages]

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import features
 from .attention import ConditionalAttention
-from .backbones.base import check_image_input
+from .backbones.base import check_image_input, device_of
 from .memory import MemoryBank
 from .stage import RoutedStage
 
@@ -213,11 +213,11 @@ class RoutedNetwork(nn.Module):
                 proc, src_prefix, src_attn = src_stage.procedures[0], f"stages.{i}.procedures.0.", src_stage.attention
             else:
                 proc, src_prefix, src_attn = src_stage, f"stages.{i}.", None
-            attn = _attention(kind, src_attn, out_channels[i], num_procedures, attention_reduction, i, _device_of(proc))
+            attn = _attention(kind, src_attn, out_channels[i], num_procedures, attention_reduction, i, device_of(proc))
             if i in routed:
                 procs = [copy.deepcopy(proc) for _ in range(num_procedures)]
                 memory = MemoryBank(num_procedures, stage_channels[i], memory_momentum, **(memory_options or {}))
-                memory.to(_device_of(proc))
+                memory.to(device_of(proc))
             else:
                 procs, memory = [proc], None
             stages.append(RoutedStage(procs, memory, attn))
@@ -237,12 +237,6 @@ class RoutedNetwork(nn.Module):
         if hasattr(backbone, "info"):
             net.info = backbone.info
         return net.train(backbone.training)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _attention(kind, source, channels, num_routes, reduction, index, device) -> ConditionalAttention | None:

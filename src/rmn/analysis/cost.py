@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..backbones import create_backbone
+from ..backbones.base import device_of
 from ..network import RoutedNetwork
 
 PRETTY = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vgg16": "VGG-16", "efficientnet_b0": "EfficientNet-B0"}
@@ -31,11 +32,6 @@ def pretty_name(name: str) -> str:
 def count_params(model: nn.Module) -> int:
     """Number of distinct trainable-or-not parameters (shared modules counted once); buffers excluded."""
     return sum(p.numel() for p in model.parameters())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -54,7 +50,7 @@ def macs_per_image(
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
-    inputs = inputs.to(_device_of(model))
+    inputs = inputs.to(device_of(model))
     was_training = model.training
     model.eval()
     try:

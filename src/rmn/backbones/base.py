@@ -79,3 +79,10 @@ def check_image_input(x: torch.Tensor, in_channels: int, min_image_size: int) ->
             f"input of {x.shape[2]}x{x.shape[3]} pixels is too small for this backbone "
             f"(needs at least {min_image_size}x{min_image_size})"
         )
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module`` lives: the device of its first parameter or buffer (CPU for an empty module)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
