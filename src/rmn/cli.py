@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import distributed
+from .precision import AMP_DTYPES
 
 # timm-style flags users already know, and where they land in the config.
 SHORT_FLAGS = {
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder (a run.mode both folder: both models)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None, help="dataset root, if it moved since training")
-    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast dtype (default float32)")
+    p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES), help="autocast dtype (default float32)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     p.set_defaults(func=_eval_command)
     from .analysis.cli import register

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ..precision import AMP_DTYPES
+
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -150,7 +152,7 @@ class Config:
             (o.lr > 0, "optim.lr must be > 0"),
             (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
-            (r.amp in ("none", "bf16", "fp16"), f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
+            (r.amp in AMP_DTYPES, f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
             (r.baseline_attention in ("none", "se"),
              f"run.baseline_attention must be 'none' or 'se', got {r.baseline_attention!r}"),
