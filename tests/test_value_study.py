@@ -44,9 +44,10 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
         assert (cfg.run.seed, cfg.output_dir()) == (3, tmp_path / row / "seed3")
         # one learning-rate schedule for every row; only the procedures' gradient scale differs
         assert (replace(cfg.optim, procedure_grad_scale=1.0), cfg.data.dataset) == (base.optim, "fashion-mnist")
-        if spec.part == "capacity":
+        if spec.part in ("capacity", "narrow"):  # the 10-epoch schedule of the capacity control
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs, cfg.data.batch_size) == (10, 4, 256)
-            assert cfg.run.mode == "baseline"
+            assert cfg.run.mode == "baseline" or spec.part == "narrow"
+            assert cfg.model.width_mult == (0.0625 if row in ("narrow_baseline", "narrow_rmn") else cfg.model.width_mult)
         else:  # the paper's regime: a third of 40 epochs plain
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 13)
         if cfg.run.mode == "rmn":
@@ -99,7 +100,8 @@ def test_summary_is_mean_and_std_over_the_seeds_on_disk(study, tmp_path):
         (tmp_path / f"{r['row']}-seed{r['seed']}.json").write_text(json.dumps(r))
     (tmp_path / "unknown_row-seed0.json").write_text("{}")  # not a row of the study: ignored
     summary = study.summarize(tmp_path)
-    assert [s["row"] for s in summary] == ["baseline", "e40_rmn_256"]  # the reused baseline, then ours
+    # the reused baselines (the 1/8 baseline is also the narrow part's 2x width), then ours
+    assert [s["row"] for s in summary] == ["baseline", "e40_rmn_256", "narrow_wide2x"]
     s = summary[1]
     assert (s["seeds"], s["top1_mean"], s["top1_std"], s["final_train_loss"], s["dead_procedures"]) == (
         [0, 1, 2], 83.0, 3.0, 0.25, 3)
@@ -111,7 +113,8 @@ def test_summary_is_mean_and_std_over_the_seeds_on_disk(study, tmp_path):
     assert (epochs, loss, top1) == ([1, 2], [1.0, 0.25], pytest.approx([82.0, 83.0]))
     lines = study.table(summary).splitlines()
     assert lines[0] == f"**{study.PARTS['capacity']}**"
-    assert lines[-1] == ("| RMN N=8 without CA (batch 256) | 0,1,2 | 83.00 ± 3.00 | 1.405M | 7.42M | 6318 | 0.2500 "
+    rmn_line = next(line for line in lines if line.startswith("| RMN"))
+    assert rmn_line == ("| RMN N=8 without CA (batch 256) | 0,1,2 | 83.00 ± 3.00 | 1.405M | 7.42M | 6318 | 0.2500 "
                          "| 3.0 | `configs/value_study/e40_rmn_256.yaml` |")
     assert "docs/value_study_paper.png" in study.render(summary)
     assert "value_study_beyond" not in study.render(summary)  # no row of that part on disk
