@@ -28,6 +28,7 @@ from torch import nn
 
 from . import distributed
 from .features import walk_stages
+from .route import routed_stages
 
 
 def _norms(module: nn.Module) -> list[nn.BatchNorm2d]:
@@ -45,13 +46,14 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
     the pass) and are summed over all processes under torch.distributed. A procedure whose cluster got fewer than ``min_samples`` samples, and layers
     without affine parameters, are left as they are. Returns the number of layers matched.
     """
-    routed = [i for i, s in enumerate(model.stages) if s.memory is not None]
+    stages = routed_stages(model)
+    routed = [i for i, s in enumerate(stages) if s.memory is not None]
     if not routed:
         return 0
     plain = copy.deepcopy(model).train()
-    plain_norms = {(i, k): bn for i in routed for k, bn in enumerate(_norms(plain.stages[i].procedures[0]))}
+    plain_norms = {(i, k): bn for i in routed for k, bn in enumerate(_norms(routed_stages(plain)[i].procedures[0]))}
     # per routed stage and layer of procedure 0: [N, 3, C] sums of (count, x, x^2) per cluster
-    sums = {key: torch.zeros(model.stages[key[0]].num_procedures, 3, bn.num_features, dtype=torch.float64,
+    sums = {key: torch.zeros(stages[key[0]].num_procedures, 3, bn.num_features, dtype=torch.float64,
                              device=bn.running_mean.device) for key, bn in plain_norms.items()}
     routes: dict[str, torch.Tensor] = {}
 
@@ -78,7 +80,7 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
     keys = sorted(sums)  # the same order on every rank
     flat = torch.cat([sums[k].flatten() for k in keys])
     distributed.all_reduce_sum(flat)
-    procedure_norms = {i: [_norms(proc) for proc in model.stages[i].procedures] for i in routed}
+    procedure_norms = {i: [_norms(proc) for proc in stages[i].procedures] for i in routed}
     matched = 0
     for (i, k), stats in zip(keys, flat.split([sums[key].numel() for key in keys])):
         stats = stats.view(sums[(i, k)].shape)

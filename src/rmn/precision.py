@@ -108,15 +108,27 @@ RECOMPILE_LIMIT = 64
 
 
 def compile_parts(model: nn.Module) -> nn.Module:
-    """Compile ``model``'s stem, head and every procedure in place (parameter names do not change).
+    """Compile every procedure of ``model``'s routed stages, and every module outside them, in place
+    (parameter names do not change); the routing and attention stay eager, a graph break by construction.
 
-    Accepts a :class:`rmn.network.RoutedNetwork`; the routing around the compiled parts stays eager.
-    Call :func:`uncompile` before deep-copying a compiled model (cloning does)."""
+    Accepts any routed model (:func:`rmn.route`, a ``RoutedNetwork``). Call :func:`uncompile` before
+    deep-copying a compiled model (cloning does)."""
     import torch._dynamo
 
+    from .stage import RoutedStage
+
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    parts = [model.stem, model.head] + [p for stage in model.stages for p in stage.procedures]
-    for part in parts:
+
+    def parts(module: nn.Module):
+        for child in module.children():
+            if isinstance(child, RoutedStage):
+                yield from child.procedures
+            elif any(isinstance(m, RoutedStage) for m in child.modules()):
+                yield from parts(child)
+            elif any(True for _ in child.parameters()):  # parameter-free modules (ReLU, pooling) stay eager
+                yield child
+
+    for part in list(parts(model)):
         part.compile(dynamic=True)
     return model
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..route import memory_banks
 from .features import collect_stage_features
 from .routing import class_memory_counts, load_stats, mean_purity, purity
 
@@ -180,7 +181,8 @@ def memory_atlas(
         raise ValueError(f"{images.shape[0]} images but {display_images.shape[0]} display images")
     if labels is not None and labels.shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    stages = [i for i, s in enumerate(net.stages) if getattr(s, "memory", None) is not None]
+    banks = memory_banks(net)
+    stages = [i for i, b in enumerate(banks) if b is not None]
     if not stages:
         raise ValueError("the network routes no stage: there are no memories to draw (clone it first)")
     out = Path(out_dir)
@@ -194,7 +196,7 @@ def memory_atlas(
     summary: dict[str, Any] = {"title": title, "num_images": int(images.shape[0]), "top_k": top_k, "stages": []}
     bar_stats = []
     for i in stages:
-        bank = net.stages[i].memory
+        bank = banks[i]
         n = bank.num_memories
         eval_counts = torch.bincount(routes[i], minlength=n)
         if int(bank.load.sum()) > 0:

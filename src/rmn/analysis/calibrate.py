@@ -19,6 +19,7 @@ from torch import nn
 
 from ..kmeans import kmeans
 from ..features import walk_stages
+from ..route import last_routes, routed_stages
 
 
 @contextlib.contextmanager
@@ -180,7 +181,7 @@ def measure_route_counts(net: nn.Module, x: torch.Tensor, train: bool = False) -
     finally:
         net.train(was_training)
     out = []
-    for stage, r in zip(net.stages, net.last_routes):
+    for stage, r in zip(routed_stages(net), last_routes(net)):
         bank = getattr(stage, "memory", None)
         out.append([] if bank is None else torch.bincount(r.cpu(), minlength=bank.num_memories).tolist())
     return out

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..route import memory_banks
+
 
 def load_stats(load: torch.Tensor) -> dict[str, Any]:
     """Statistics of one stage's load vector ``[N]`` (see the module docstring)."""
@@ -69,8 +71,7 @@ def load_stats(load: torch.Tensor) -> dict[str, Any]:
 def network_load_stats(net: nn.Module) -> list[dict[str, Any] | None]:
     """:func:`load_stats` of every stage's ``MemoryBank.load`` (None for unrouted stages)."""
     out = []
-    for stage in net.stages:
-        bank = getattr(stage, "memory", None)
+    for bank in memory_banks(net):
         out.append(None if bank is None else load_stats(bank.load))
     return out
 
