@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q $(PIP_ARGS) --upgrade pip
 	$(PY) -m pip install -q $(PIP_ARGS) $(TORCH_PIP_ARGS) torch==2.13.0
-	$(PY) -m pip install -q $(PIP_ARGS) -e ".[dev]"
+	$(PY) -m pip install -q $(PIP_ARGS) -e ".[all,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

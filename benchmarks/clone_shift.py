@@ -13,7 +13,7 @@ folder), performs steps 2 and 3 on a copy, and measures the loss on the same tra
 * the same after rmn.bn_match matched each procedure's BatchNorm to its cluster (``model.match_batchnorm``),
   in eval and train mode.
 
-    python benchmarks/clone_shift.py runs/fashion_study/stem_b128/seed0 --batch 1024
+    .venv/bin/python benchmarks/clone_shift.py runs/fashion_study/stem_b128/seed0 --batch 1024
 
 Writes the table to stdout and results/fashion_study/clone_shift-<stem>-b<batch>.{md,json}.
 """
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("stem", help="a stem (or baseline) run folder at the end of step 1")
     ap.add_argument("--batch", type=int, default=1024, help="batch size B of the measurement")
     ap.add_argument("--batches", type=int, default=8)
-    ap.add_argument("--out", default=str(ROOT / "results/fashion_study"))
+    ap.add_argument("--results", default=str(ROOT / "results/fashion_study"), help="folder of the study's results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ckpt = latest_checkpoint(Path(args.stem) / "checkpoints")
@@ -106,7 +106,7 @@ def main() -> None:
     lines += [f"| {name} | {r['loss']:.4f} | {100 * r['accuracy']:.2f} |" for name, r in rows.items()]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
+    out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     name = "-".join(Path(args.stem).resolve().parts[-2:]) + f"-b{args.batch}"
     (out / f"clone_shift-{name}.json").write_text(json.dumps(

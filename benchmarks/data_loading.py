@@ -8,8 +8,8 @@
   the project's yardstick (the in-memory pipeline must be >= 10x faster); skipped if the backbone is absent.
 
 Each figure is the median over several timed passes after a warm-up pass. Run:
-``.venv/bin/python benchmarks/data_loading.py [--quick] [--device cuda]``; writes
-``benchmarks/results/data_loading.json``.
+``.venv/bin/python benchmarks/data_loading.py [--device cuda]``; writes ``benchmarks/results/data_loading.json``
+(``--quick``: a smoke run on smaller data, written only to ``--out``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's rmn
 from rmn.data import InMemoryDataset, build_dataset, build_loader, dataset_spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_loading.json"
@@ -110,8 +110,8 @@ def training_throughput(batch: int, steps: int, device: torch.device) -> float |
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="smaller data, fewer passes (a smoke run)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help="smaller data, fewer passes (a smoke run); writes only to --out")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/data_loading.json; none with --quick)")
     args = ap.parse_args()
     device = torch.device(args.device)
     q = args.quick
@@ -157,11 +157,15 @@ def main() -> None:
         torch_threads=torch.get_num_threads(), load_average=os.getloadavg(),
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
+    out = args.out or (None if q else RESULTS)
+    if out is None:
+        print("not written (--quick)")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)  # never leave a half-written results file
-    print(f"wrote {args.out}")
+    os.replace(tmp_out, out)  # never leave a half-written results file
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

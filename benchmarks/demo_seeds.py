@@ -1,8 +1,8 @@
 """How much the embedded demo's numbers move between seeds: ``configs/demo.yaml`` (``run.mode: both``)
 trained once per seed, baseline and RMN top-1 per seed, their mean ± standard deviation and min-max.
 
-    nice -n 10 python benchmarks/demo_seeds.py --seeds 0 1 2 3 4      # about 3 minutes a seed on one thread
-    python benchmarks/demo_seeds.py --table-only                       # the table from the results on disk
+    nice -n 10 .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 3 4      # about 3 minutes a seed on one thread
+    .venv/bin/python benchmarks/demo_seeds.py --table-only                       # the table from the results on disk
 
 ``--seeds`` sets ``run.seed`` (weight initialisation, shuffling, augmentation and CA's random routes of
 step 1); everything else is the demo config as shipped, on one thread. Each seed trains in

@@ -23,10 +23,10 @@ On scikit-learn's digits (configs/digits/dead_procedures.yaml: N=16, batch 16, 4
 about 2 minutes a run): every rule at batch 16 (sharing step 1 as above), the paper's EMA with and without
 revival at batch 128 (8x, as the paper's 1024 is 8x its baseline's 128) and the baseline at batch 16.
 
-    python benchmarks/fashion_study.py                       # reproduction rows x 3 seeds (resumable)
-    python benchmarks/fashion_study.py --study small-batch --seeds 0
-    python benchmarks/fashion_study.py --study dead-procedures --seeds 0 1 2
-    python benchmarks/fashion_study.py --seeds 0 --rows rmn_ca --epochs 2    # a quick look (its own files: rmn_ca-e2-seed0)
+    .venv/bin/python benchmarks/fashion_study.py                       # reproduction rows x 3 seeds (resumable)
+    .venv/bin/python benchmarks/fashion_study.py --study small-batch --seeds 0
+    .venv/bin/python benchmarks/fashion_study.py --study dead-procedures --seeds 0 1 2
+    .venv/bin/python benchmarks/fashion_study.py --seeds 0 --rows rmn_ca --epochs 2    # a quick look (its own files: rmn_ca-e2-seed0)
 
 Each run trains in runs/fashion_study/<row>/seed<k> (checkpoints, logs; resumable) and its summary.json is
 copied to results/fashion_study/<row>-seed<k>.json; a finished run is never trained again. The study's

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/init_memory.py [--backbone vgg16] [--image-size 32] [--n 50000] [--procedures 8]
                                                [--width-mult 1] [--batch 512] [--threads T] [--check-n 2000]
+    .venv/bin/python benchmarks/init_memory.py --quick      # smoke run: 2,000 samples, eighth width, writes nothing
 
 The project bounds ``init_memory`` at 1.2x one evaluation pass over the training set, for 50,000 samples
 whose routed features include 512-dim ones, with k = 8. Default setting: VGG-16-BN (a backbone of the
@@ -28,19 +29,23 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from rmn.data import build_loader, dataset_spec
-from rmn.data.base import InMemoryDataset
-from rmn.features import stage_inputs
-from rmn.kmeans import kmeans
-from rmn.recipe import build, steps
-from rmn.recipe.config import load_config
-from rmn.route import memory_banks
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's rmn, whichever environment runs the script
+
+from rmn.data import build_loader, dataset_spec  # noqa: E402
+from rmn.data.base import InMemoryDataset  # noqa: E402
+from rmn.features import stage_inputs  # noqa: E402
+from rmn.kmeans import kmeans  # noqa: E402
+from rmn.recipe import build, steps  # noqa: E402
+from rmn.recipe.config import load_config  # noqa: E402
+from rmn.route import memory_banks  # noqa: E402
 
 
 def synthetic_set(n: int, size: int, seed: int = 0) -> InMemoryDataset:
@@ -124,8 +129,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="k-means runs per stage (best is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--check-n", type=int, default=2000, help="samples for the recipe's own init_memory (0: skip)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "init_memory.json"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: n=2000, width 1/8, no recipe check; writes only to --out")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/init_memory.json; none with --quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.width_mult, args.check_n = 2000, 0.125, 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = load_config(None, {"model.backbone": args.backbone, "model.width_mult": args.width_mult,
@@ -193,10 +201,11 @@ def main() -> None:
                                         "kmeans_total": t_kmeans, "eval_pass": eval_total, "init_memory": init_total},
               "kmeans": stages, "ratio": init_total / eval_total, "ratio_512_stage_only": ratio_512,
               "bound": 1.2, "within_bound": init_total / eval_total <= 1.2, "recipe_check": check}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {out}")
+    out = Path(args.out) if args.out else None if args.quick else ROOT / "benchmarks" / "results" / "init_memory.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out or 'not written (--quick)'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark rmn.kmeans against scikit-learn's KMeans on clustered GAP-like features (CPU).
 
     .venv/bin/python benchmarks/kmeans.py [--n 50000] [--d 512] [--k 8] [--repeats 3] [--threads T]
+    .venv/bin/python benchmarks/kmeans.py --quick      # smoke run: 5,000 x 64, one repeat, writes nothing
 
 Prints a table and writes benchmarks/results/kmeans.json. Times are the best of ``--repeats`` runs
 (wall clock; the machine may be shared). Both libraries get the same float32 data, ``n_init``
@@ -15,13 +16,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rmn.kmeans import assign, kmeans
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's rmn, whichever environment runs the script
+
+from rmn.kmeans import assign, kmeans  # noqa: E402
 
 
 def clustered_features(n: int, d: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -58,8 +63,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kmeans.json"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: n=5000, d=64, one repeat; writes only to --out")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/kmeans.json; none with --quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.d, args.repeats = 5000, 64, 1
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from sklearn.cluster import KMeans
@@ -116,10 +124,11 @@ def main() -> None:
         "note": "per seed: seconds = best of repeats (wall clock), inertia re-evaluated in float64 for both; "
         "rows average over their seeds",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    print(f"threads={meta['threads']} load_avg={meta['load_average']} -> {out}")
+    out = Path(args.out) if args.out else None if args.quick else ROOT / "benchmarks" / "results" / "kmeans.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"threads={meta['threads']} load_avg={meta['load_average']} -> {out or 'not written (--quick)'}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 backward, on one batch of 256 vs on 8 slices of 32 (what N = 8 procedures see), per layer shape of the
 Fashion study's network (eighth-width ResNet-18 at 28x28), in float32 and bf16 + channels_last.
 
-    .venv/bin/python benchmarks/slice_cost.py [--threads 1] [--reps 20]
+    .venv/bin/python benchmarks/slice_cost.py [--threads 1] [--reps 20]   # -> benchmarks/results/slice_cost.json
+    .venv/bin/python benchmarks/slice_cost.py --quick                     # smoke run: 1 rep, 1 round, writes nothing
 
 The ratio is CPU time of the 8 slices over the one batch, interleaved, median of ``--rounds`` rounds. Above 1 is
 the kernels' own per-call and small-batch cost, which no dispatch code can remove: it is why an RMN of this
@@ -11,12 +12,16 @@ small network trains slower than its baseline on a CPU (BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+RESULTS = Path(__file__).resolve().parent / "results" / "slice_cost.json"
 SHAPES = ((8, 28), (16, 14), (32, 7), (64, 4))  # (channels, side) of the four stages
 
 
@@ -42,7 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 1 round; writes only to --out")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/slice_cost.json; none with --quick)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.reps, args.rounds = 1, 1
+    rows = []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"| layer | precision | batch {args.batch} ms | {args.slices} x {args.batch // args.slices} ms | ratio |")
@@ -61,6 +71,14 @@ def main(argv=None) -> int:
                 b.append(block_time(block, sliced, bf16, args.reps))
             ta, tb = statistics.median(a), statistics.median(b)
             print(f"| {c} ch, {side}x{side} | {precision} | {1e3 * ta:.2f} | {1e3 * tb:.2f} | {tb / ta:.2f} |", flush=True)
+            rows.append({"channels": c, "side": side, "precision": precision, "batch_ms": 1e3 * ta,
+                         "slices_ms": 1e3 * tb, "ratio": tb / ta})
+    out = Path(args.out) if args.out else None if args.quick else RESULTS
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "processor": platform.processor(),
+                                   "rows": rows}, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
 
 

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/train_step.py                      # both models, 1 and 2 threads
     .venv/bin/python benchmarks/train_step.py --models fashion --threads 1 --rounds 3   # a quick look
     .venv/bin/python benchmarks/train_step.py --compile            # adds torch.compile'd variants
+    .venv/bin/python benchmarks/train_step.py --quick              # smoke run: fashion, 1 thread, 1 round, writes nothing
 
 Models: ``fashion`` is the Fashion-MNIST study's network (eighth-width CIFAR-style ResNet-18, 28x28x1,
 10 classes); ``cifar-quarter`` a quarter-width CIFAR ResNet-18 (32x32x3, 100 classes). Batch 256.
@@ -37,15 +38,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rmn.analysis.calibrate import init_memories, measure_route_counts
-from rmn.analysis.latency import interleaved_times, varied_images
-from rmn.backbones import create_backbone
-from rmn.network import RoutedNetwork
-from rmn.precision import Precision, compile_parts
-from rmn.route import update_memories
-from rmn.training import drop_idle_gradients
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's rmn, whichever environment runs the script
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
+from rmn.analysis.calibrate import init_memories, measure_route_counts  # noqa: E402
+from rmn.analysis.latency import interleaved_times, varied_images  # noqa: E402
+from rmn.backbones import create_backbone  # noqa: E402
+from rmn.network import RoutedNetwork  # noqa: E402
+from rmn.precision import Precision, compile_parts  # noqa: E402
+from rmn.route import update_memories  # noqa: E402
+from rmn.training import drop_idle_gradients  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 MODELS = {  # name: (width_mult, image size, channels, classes)
     "fashion": (0.125, 28, 1, 10),
     "cifar-quarter": (0.25, 32, 3, 100),
@@ -209,21 +213,26 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--inner", type=int, default=2, help="calls per timed block")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd variants (slow to warm up on CPU)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default=str(RESULTS))
+    ap.add_argument("--quick", action="store_true", help="smoke run: fashion, 1 thread, 1 round; writes only to --out")
+    ap.add_argument("--out", default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.quick:
+        args.models, args.threads, args.rounds, args.warmup, args.inner = ["fashion"], [1], 1, 0, 1
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                           "cpu_count": torch.get_num_threads()},
               "args": vars(args), "runs": []}
     for threads in args.threads:
         for model in args.models:
             report["runs"].append(measure(model, threads, args))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.json}")
+    out = Path(args.out) if args.out else None if args.quick else RESULTS
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out}" if out else "\nnot written (--quick)")
     return 0
 
 

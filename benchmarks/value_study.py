@@ -14,10 +14,10 @@ Parts of the study (``ROWS``; each row's config is ``configs/value_study/<row>.y
   narrow    if width 1/8 has no capacity headroom: the 1/16-width network, its 2x width (the 1/8 baseline) and
             RMN N=8 at 1/16 on the capacity control's 10-epoch schedule.
 
-    python benchmarks/value_study.py configs [--check]          # (re)write configs/value_study/*.yaml
-    python benchmarks/value_study.py run --rows wide2x --seeds 0 --runs /work/study-runs/value_study \\
+    .venv/bin/python benchmarks/value_study.py configs [--check]          # (re)write configs/value_study/*.yaml
+    .venv/bin/python benchmarks/value_study.py run --rows wide2x --seeds 0 --runs /work/study-runs/value_study \\
         --results /work/study-runs/value_study/results      # train (resumable; a finished run is skipped)
-    python benchmarks/value_study.py collect --from /work/study-runs/value_study/results
+    .venv/bin/python benchmarks/value_study.py collect --from /work/study-runs/value_study/results
         # copy new per-run results into results/value_study/, then rebuild summary.json, the figures in
         # docs/ and the table in REPRODUCTION.md (between its value-study markers)
 

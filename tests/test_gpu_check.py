@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py runs end to end on CPU with --dry-run (so the script a GPU session runs once is
+"""benchmarks/gpu_check.py runs end to end on CPU with --quick (alias --dry-run; so the script a GPU session runs once is
 known to work before it gets there), and refuses to run without a GPU otherwise."""
 import json
 import subprocess
@@ -13,11 +13,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 def test_dry_run_writes_every_part(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--json", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["dry_run"] is True
+    assert report["quick"] is True
     tests = report["tests"]
     assert tests["returncode"] in (0, 5) and sum(tests["counts"].values()) >= 7  # every CUDA test collected
     if not torch.cuda.is_available():
@@ -34,6 +34,6 @@ def test_dry_run_writes_every_part(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_it_says_so(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(tmp_path / "x.json")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "--quick" in proc.stderr
     assert not (tmp_path / "x.json").exists()

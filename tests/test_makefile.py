@@ -21,8 +21,8 @@ def pip_lines(*assignments: str) -> list[str]:
 def test_default_setup_is_unchanged_and_the_index_is_passed_through():
     assert pip_lines() == [".venv/bin/python -m pip install -q --upgrade pip",
                            ".venv/bin/python -m pip install -q torch==2.13.0",
-                           '.venv/bin/python -m pip install -q -e ".[dev]"']
+                           '.venv/bin/python -m pip install -q -e ".[all,dev]"']
     cpu = pip_lines("TORCH_INDEX=https://example.invalid/whl/cpu", "PIP_ARGS=--no-cache-dir")
     assert cpu == [".venv/bin/python -m pip install -q --no-cache-dir --upgrade pip",
                    ".venv/bin/python -m pip install -q --no-cache-dir --index-url https://example.invalid/whl/cpu torch==2.13.0",
-                   '.venv/bin/python -m pip install -q --no-cache-dir -e ".[dev]"']  # the index is for torch only
+                   '.venv/bin/python -m pip install -q --no-cache-dir -e ".[all,dev]"']  # the index is for torch only

@@ -4,7 +4,7 @@ Nothing is trained. Models are built on the meta device (real architecture, no m
 138M-parameter VGG-16 and its 8-procedure clones cost nothing; the data pipeline runs on fixtures
 written in the releases' real on-disk formats (the writers of tests/test_data_*.py). The expected
 values below are written out from docs/method.md section 6 on purpose, independently of
-configs/paper/generate.py, so a wrong generator cannot agree with itself.
+tools/paper_configs.py, so a wrong generator cannot agree with itself.
 """
 from __future__ import annotations
 
@@ -93,10 +93,10 @@ def test_the_expected_set_of_configs_exists():
 
 
 def test_files_equal_the_generator_output():
-    files = _load_script("generate").render()
-    assert sorted(files) == FILES, "run: python configs/paper/generate.py"
+    files = _load_script("paper_configs").render()
+    assert sorted(files) == FILES, "run: python tools/paper_configs.py"
     stale = [rel for rel in FILES if (PAPER / rel).read_text() != files[rel]]
-    assert not stale, f"edited by hand or generator changed; run python configs/paper/generate.py: {stale}"
+    assert not stale, f"edited by hand or generator changed; run python tools/paper_configs.py: {stale}"
 
 
 def test_run_names_are_unique():
@@ -225,18 +225,18 @@ def test_reproduction_md_names_every_config():
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"paper_{name}", PAPER / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_cost_estimate_covers_every_config_and_matches_it():
-    """configs/paper/cost.json (estimate_cost.py) is current: one row per config, with its batch and epochs."""
+    """results/paper_cost.json (tools/paper_cost.py) is current: one row per config, with its batch and epochs."""
     import json
 
-    rows = {r["config"]: r for r in json.loads((PAPER / "cost.json").read_text())["rows"]}
-    assert set(rows) == {f"configs/paper/{rel}" for rel in FILES}, "run: python configs/paper/estimate_cost.py"
+    rows = {r["config"]: r for r in json.loads((ROOT / "results" / "paper_cost.json").read_text())["rows"]}
+    assert set(rows) == {f"configs/paper/{rel}" for rel in FILES}, "run: python tools/paper_cost.py"
     for rel in FILES:
         cfg, r = load_config(PAPER / rel), rows[f"configs/paper/{rel}"]
         assert (r["batch_size"], r["epochs"], r["num_procedures"], r["attention"]) == (
@@ -246,7 +246,7 @@ def test_cost_estimate_covers_every_config_and_matches_it():
 
 def test_reproduction_md_tables_are_current():
     tables = _load_script("reproduction_tables")
-    assert tables.current() == tables.render(), "run: python configs/paper/reproduction_tables.py --write"
+    assert tables.current() == tables.render(), "run: python tools/reproduction_tables.py --write"
     text = (ROOT / "REPRODUCTION.md").read_text()
     assert "## CPU-scale study: Fashion-MNIST" in text
     # every table the Fashion-MNIST study scripts wrote (regenerated from the per-run results) is quoted verbatim

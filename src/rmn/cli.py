@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import distributed
+from .extras import MissingExtra
 from .precision import AMP_DTYPES
 
 # timm-style flags users already know, and where they land in the config.
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rmn: interrupted; {_kept(getattr(args, 'resolved_config', None))}", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as e:  # ConfigError, DataError, CheckpointError, RecipeError, ...
+    except (ValueError, RuntimeError, OSError, MissingExtra) as e:  # ConfigError, DataError, RecipeError, ...
         if isinstance(e, RuntimeError) and type(e).__name__ not in ("RecipeError",):
             raise
         message = " ".join(str(e).split()) or type(e).__name__

@@ -9,6 +9,8 @@ drawn as one PNG grid per stage (one row per memory, labelled with its index and
 * ``load.png``: routing-load bar charts, one panel per routed stage (dead memories in red);
 * ``atlas.html``: one page showing all of it, ``atlas.json``: the numbers behind it.
 
+Drawing needs the ``plots`` extra (matplotlib, Pillow), imported on use; :func:`nearest_images` needs neither.
+
 The load share is the training load from ``MemoryBank.load`` when it holds any count, otherwise the
 share of the evaluation images routed to each memory (the figures say which).
 """
@@ -20,8 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
+from ..extras import require
 from ..route import memory_banks
 from .features import collect_stage_features
 from .routing import class_memory_counts, load_stats, mean_purity, purity
@@ -31,6 +33,19 @@ TILE = 64
 PAD = 4
 LABEL_W = 150
 TITLE_H = 28
+
+
+FEATURE = "the memory atlas"
+
+
+def require_plotting(instead: str | None = None) -> None:
+    """Raise :class:`rmn.extras.MissingExtra` now if the atlas could not be drawn (before any work is done)."""
+    for module in ("matplotlib", "PIL.Image", "PIL.ImageDraw", "PIL.ImageFont"):
+        require(module, extra="plots", feature=FEATURE, instead=instead)
+
+
+def _pil(name: str):
+    return require(f"PIL.{name}", extra="plots", feature=FEATURE)
 
 
 def nearest_images(features: torch.Tensor, memories: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,14 +68,16 @@ def grid_size(num_memories: int, k: int) -> tuple[int, int]:
 
 
 def _font(size: int):
+    ImageFont = _pil("ImageFont")
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
 
 
-def _to_pil(img: torch.Tensor) -> Image.Image:
+def _to_pil(img: torch.Tensor) -> "Image.Image":
     """``[C, H, W]`` in [0, 1] (C = 1 or 3) -> RGB tile of TILE x TILE pixels."""
+    Image = _pil("Image")
     x = img.detach().cpu().float().clamp(0, 1)
     if x.dim() != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"display images must be [C, H, W] with C = 1 or 3, got {tuple(x.shape)}")
@@ -78,8 +95,9 @@ def render_grid(
     row_labels: Sequence[str],
     title: str,
     captions: Sequence[Sequence[str]] | None = None,
-) -> Image.Image:
+) -> "Image.Image":
     """One row per memory: ``row_labels[j]`` then the images ``indices[j]`` (optional tiny captions)."""
+    Image, ImageDraw = _pil("Image"), _pil("ImageDraw")
     n, k = indices.shape
     w, h = grid_size(n, k)
     canvas = Image.new("RGB", (w, h), "white")
@@ -101,12 +119,9 @@ def render_grid(
 
 
 def _plt():
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plots", feature=FEATURE)
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return require("matplotlib.pyplot", extra="plots", feature=FEATURE)
 
 
 def save_heatmap(counts: torch.Tensor, path: Path, title: str, class_names: Sequence[str] | None = None,
@@ -177,6 +192,7 @@ def memory_atlas(
     ``class_names`` are optional (without labels there is no heat map and no purity).
     Returns ``{"html", "json", "load", "grids": {stage: path}, "heatmaps": {stage: path}, "nearest": {stage: LongTensor[N, k]}}``.
     """
+    require_plotting()
     if images.shape[0] != display_images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {display_images.shape[0]} display images")
     if labels is not None and labels.shape[0] != images.shape[0]:

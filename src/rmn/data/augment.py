@@ -1,4 +1,5 @@
-"""The paper's augmentations, as whole-batch tensor ops (in-memory data) and per-image Pillow ops (files).
+"""The paper's augmentations, as whole-batch tensor ops (in-memory data) and per-image Pillow ops (files;
+Pillow is imported by those functions only, so in-memory data needs no Pillow).
 
 Randomness is always passed in (offsets, flips, a numpy Generator) rather than drawn here, so the
 loader can make it a pure function of (seed, epoch, sample index) and tests can replay it.
@@ -10,9 +11,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from .folder import pil_to_uint8
+from .folder import pil_image, pil_to_uint8
 
 
 def pad_crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, padding: int
@@ -79,6 +79,7 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, flip: bool = True) -> torch.Tensor:
     """ImageNet training transform: random-resized-crop to ``size`` (+ flip with p=0.5) -> uint8 [3,S,S]."""
+    Image = pil_image()
     box = random_resized_crop_box(img.width, img.height, rng)
     out = img.resize((size, size), Image.BILINEAR, box=box)
     if flip and rng.random() < 0.5:
@@ -88,6 +89,7 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, f
 
 def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
     """ImageNet evaluation transform: shorter side to ``round(size*256/224)``, centre crop ``size``."""
+    Image = pil_image()
     short = int(round(size * 256 / 224))
     w, h = img.size
     if w <= h:
@@ -101,6 +103,7 @@ def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:
     """The image at ``size x size`` (Tiny ImageNet files already are 64x64; others are resized)."""
+    Image = pil_image()
     return img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
 
 
@@ -109,6 +112,7 @@ def pad_crop_flip_pil(img: Image.Image, padding: int, flip: bool, rng: np.random
 
     Pillow's ``crop`` fills the area outside the image with zeros, which is exactly zero padding.
     """
+    Image = pil_image()
     dy, dx = (int(v) for v in rng.integers(0, 2 * padding + 1, size=2))
     out = img.crop((dx - padding, dy - padding, dx - padding + img.width, dy - padding + img.height))
     if flip and rng.random() < 0.5:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..extras import require
 from .base import InMemoryDataset, dataset_spec, resolve_split
 
 SPLIT_SEED = 0
@@ -15,8 +16,9 @@ SPLIT_SEED = 0
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(images uint8 [N,1,8,8], labels int64 [N], train_index, test_index)``, indices sorted."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    feature = "the digits dataset"
+    load_digits = require("sklearn.datasets", extra="digits", feature=feature).load_digits
+    train_test_split = require("sklearn.model_selection", extra="digits", feature=feature).train_test_split
 
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]

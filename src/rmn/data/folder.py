@@ -1,4 +1,4 @@
-"""Image-file datasets (decoded lazily with Pillow) and the generic ``root/<class>/*.jpg`` reader.
+"""Image-file datasets (decoded lazily with Pillow, the ``images`` extra) and the ``root/<class>/*.jpg`` reader.
 
 Paths are kept as one numpy byte-string array rather than a list of Python strings: DataLoader
 workers then share one buffer instead of touching (and so copying) a million small objects.
@@ -10,15 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..extras import require
 from .base import DataError, DatasetSpec, LabelledDataset, dataset_spec, default_root, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-def decode_rgb(path: str | os.PathLike) -> Image.Image:
+def pil_image():
+    """Pillow's ``PIL.Image`` module, imported on first use (the ``images`` extra)."""
+    return require("PIL.Image", extra="images", feature="image-file datasets (folder, tiny-imagenet, imagenet)")
+
+
+def decode_rgb(path: str | os.PathLike) -> "Image.Image":
     """Fully decode ``path`` as RGB (grey and CMYK files exist in ImageNet); one-line error if it cannot."""
+    Image = pil_image()
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -46,6 +52,7 @@ class ImageFileDataset(LabelledDataset):
 
     def __init__(self, root: Path, relpaths: list[str], targets: list[int], classes: list[str],
                  spec: DatasetSpec, split: str, class_names: list[str] | None = None) -> None:
+        pil_image()  # a missing Pillow is said now, not by the first decode in a loader worker
         if not relpaths:
             raise DataError(f"{root}: no images found for split {split!r}")
         self.root = str(root)

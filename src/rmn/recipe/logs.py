@@ -4,7 +4,7 @@ Every row carries the sequence number of the checkpoint written right after it. 
 newer than the checkpoint resumed from are dropped, so a run killed between logging and
 checkpointing never shows an epoch twice.
 
-TensorBoard (optional: imported only when ``run.tensorboard`` is on) gets the per-epoch scalars on
+TensorBoard (the ``tensorboard`` extra, imported only when ``run.tensorboard`` is on) gets the per-epoch scalars on
 the epoch axis in ``tensorboard/``, the per-step training loss and LR on the optimizer-step axis in
 ``tensorboard/steps/`` (its own writer, so a resume purges each axis at its own position), per-epoch
 route histograms, and the memory atlas images.
@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..extras import require
 from .checkpoint import atomic_write_bytes
+
+
+def tensorboard_writer():
+    """torch's ``SummaryWriter``, or a one-line :class:`rmn.extras.MissingExtra` naming the extra."""
+    require("tensorboard", extra="tensorboard", feature="TensorBoard logging",
+            instead="or set run.tensorboard false")
+    return require("torch.utils.tensorboard", extra="tensorboard", feature="TensorBoard logging").SummaryWriter
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -60,14 +68,10 @@ class RunLog:
         self.rows = rows
         self._write_csv()
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=rows[-1]["epoch"] + 1 if rows else 0)
-                self.tb_steps = SummaryWriter(str(self.out / "tensorboard" / "steps"),
-                                              purge_step=rows[-1]["step"] + 1 if rows else 0)
-            except ImportError:  # tensorboard is a dependency, but a stripped-down install may lack it
-                self.tb = self.tb_steps = None
+            SummaryWriter = tensorboard_writer()
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=rows[-1]["epoch"] + 1 if rows else 0)
+            self.tb_steps = SummaryWriter(str(self.out / "tensorboard" / "steps"),
+                                          purge_step=rows[-1]["step"] + 1 if rows else 0)
 
     def _write_csv(self) -> None:
         keys: list[str] = []
@@ -121,8 +125,7 @@ class RunLog:
         """PNG files (the memory atlas) as TensorBoard images, tagged by file name."""
         if self.tb is None:
             return
-        from matplotlib.image import imread
-
+        imread = require("matplotlib.image", extra="plots", feature="the memory atlas").imread
         for p in paths:
             img = imread(str(p))
             if img.ndim == 2:

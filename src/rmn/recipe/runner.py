@@ -23,6 +23,7 @@ from .steps import Run, clone, evaluate, init_memory, routing_row, train_baselin
 def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict:
     """Train one model to the end (resuming where it stopped) and write its summary.json."""
     t0 = time.perf_counter()
+    _check_atlas(cfg, routed=not baseline)
     run = Run.open(cfg, resume=resume, baseline=baseline)
     done = run.out / "summary.json"
     if run.finished:
@@ -44,6 +45,14 @@ def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict
         write_atlas(run)
     run.log.close()
     return summary
+
+
+def _check_atlas(cfg: Config, routed: bool) -> None:
+    """A run that will draw the atlas stops now, not after training, when the ``plots`` extra is missing."""
+    if routed and cfg.run.atlas:
+        from ..analysis.atlas import require_plotting
+
+        require_plotting(instead="or set run.atlas false")
 
 
 def write_atlas(run: Run) -> dict:
@@ -97,6 +106,7 @@ def _name(path: Path | None) -> str | None:
 
 def run_experiment(cfg: Config, resume: bool = False) -> list[dict]:
     """``rmn run``: the configured mode; 'both' trains baseline and RMN and prints the comparison."""
+    _check_atlas(cfg, routed=cfg.run.mode != "baseline")
     if cfg.run.mode != "both":
         return [run_steps(cfg, resume=resume, baseline=cfg.run.mode == "baseline")]
     summaries = []

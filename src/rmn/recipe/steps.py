@@ -35,7 +35,7 @@ from . import build
 from .checkpoint import (PHASES, Checkpoint, CheckpointError, checkpoint_config, describe_skipped, latest_checkpoint,
                          load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
 from .config import Config, ConfigError, ScheduleConfig
-from .logs import RunClock, RunLog, Throughput, progress, progress_mode
+from .logs import RunClock, RunLog, Throughput, progress, progress_mode, tensorboard_writer
 from .schedule import lr_at
 
 HOST_CHECK_EVERY = 25  # on an accelerator, steps between host reads of the loss (divergence check, progress bar)
@@ -87,6 +87,8 @@ class Run:
         ``checkpoints/unreadable/``); when no checkpoint file reads, it stops and changes nothing."""
         out = cfg.output_dir()
         local = build.resolve_device(cfg.run.device)  # a device this machine lacks is refused first
+        if cfg.run.tensorboard:
+            tensorboard_writer()  # a missing extra is said before anything is written
         # Under torchrun: join the process group (gloo on CPU, NCCL with one GPU per process).
         device = distributed.init_from_env(cfg.run.device) or local
         if cfg.run.threads:

@@ -1,6 +1,6 @@
 """Measured multiply-adds per image of every paper config, and the GPU-hours they imply.
 
-    .venv/bin/python configs/paper/estimate_cost.py        # -> configs/paper/cost.json + Markdown on stdout
+    .venv/bin/python tools/paper_cost.py        # -> results/paper_cost.json + Markdown on stdout
 
 For each config the real model (random weights, CPU) is built at its image size and its multiply-adds
 per image are counted by executing it (rmn.analysis.cost.macs_per_image: FlopCounterMode, convs +
@@ -55,8 +55,9 @@ from rmn.data import dataset_spec
 from rmn.recipe.build import build_stem_network, clone_network, optimizer_kind
 from rmn.recipe.config import load_config
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "configs" / "paper"
+OUT = ROOT / "results" / "paper_cost.json"
 
 # Official split sizes (CIFAR-100: 50,000 / 10,000; Tiny ImageNet: 100,000 / 10,000;
 # ImageNet ILSVRC-2012: 1,281,167 / 50,000).
@@ -67,7 +68,7 @@ A100_TF32_PEAK = 156e12
 
 
 def _configs() -> list[str]:
-    spec = importlib.util.spec_from_file_location("paper_generate", HERE / "generate.py")
+    spec = importlib.util.spec_from_file_location("paper_configs", ROOT / "tools" / "paper_configs.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     return sorted(gen.render())
@@ -183,11 +184,11 @@ def main() -> int:
     flops_per_s = NVIDIA_RN50_TF32_IMG_S * 6 * rn50_macs
     rows = []
     for rel in _configs():
-        cfg = load_config(HERE / rel)
+        cfg = load_config(PAPER / rel)
         rows.append(estimate(rel, cfg, cache, flops_per_s))
         print(f"[{time.perf_counter() - t0:6.1f}s] {rel}: {rows[-1]['a100_gpu_hours']} GPU-h", file=sys.stderr)
     meta = {
-        "command": "python configs/paper/estimate_cost.py",
+        "command": "python tools/paper_cost.py",
         "resnet50_imagenet_macs": rn50_macs,
         "nvidia_resnet50_tf32_img_per_s_1xA100": NVIDIA_RN50_TF32_IMG_S,
         "sustained_flop_per_s": flops_per_s,
@@ -197,7 +198,7 @@ def main() -> int:
         "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (HERE / "cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    OUT.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"F = 938 img/s x 6 x {rn50_macs / 1e9:.3f} GMACs = {flops_per_s / 1e12:.1f} TFLOP/s "
           f"({flops_per_s / A100_TF32_PEAK:.1%} of the A100 TF32 peak)")
     print(markdown(rows))
