@@ -63,7 +63,7 @@ class RoutedNetwork(nn.Module):
         # calls update_memories() once per optimizer step (gradient accumulation).
         self.auto_update = True
         self.last_routes: torch.Tensor | None = None
-        # name of each parameter here -> name of the parameter it was cloned from in the source.
+        # name of each parameter here -> name of the parameter it was cloned from (or is) in the source.
         self.clone_sources: dict[str, str] = {}
 
     # -- forward -----------------------------------------------------------------------------
@@ -205,14 +205,15 @@ class RoutedNetwork(nn.Module):
             in_channels = example_input.shape[1]
 
         from_routed = isinstance(backbone, RoutedNetwork)
+        source_name = {id(p): n for n, p in backbone.named_parameters()}  # the source's own names, whatever its layout
         stages, sources = [], {}
         for i, src_stage in enumerate(backbone.stages):
             if from_routed:
                 if src_stage.routed and src_stage.num_procedures > 1:
                     raise ValueError(f"stage {i} of the source is already routed with {src_stage.num_procedures} procedures")
-                proc, src_prefix, src_attn = src_stage.procedures[0], f"stages.{i}.procedures.0.", src_stage.attention
+                proc, src_attn = src_stage.procedures[0], src_stage.attention
             else:
-                proc, src_prefix, src_attn = src_stage, f"stages.{i}.", None
+                proc, src_attn = src_stage, None
             attn = _attention(kind, src_attn, out_channels[i], num_procedures, attention_reduction, i, device_of(proc))
             if i in routed:
                 procs = [copy.deepcopy(proc) for _ in range(num_procedures)]
@@ -222,8 +223,9 @@ class RoutedNetwork(nn.Module):
                 procs, memory = [proc], None
             stages.append(RoutedStage(procs, memory, attn))
             for j in range(len(procs)):
-                for pname, _ in proc.named_parameters():
-                    sources[f"stages.{i}.procedures.{j}.{pname}"] = src_prefix + pname
+                for pname, param in proc.named_parameters():
+                    if id(param) in source_name:
+                        sources[f"stages.{i}.procedures.{j}.{pname}"] = source_name[id(param)]
         net = cls(
             backbone.stem,
             stages,
@@ -233,6 +235,9 @@ class RoutedNetwork(nn.Module):
             stage_channels=stage_channels,
             out_channels=out_channels,
         )
+        for name, param in net.named_parameters():  # shared with the source (stem, head, attention)
+            if name not in sources and id(param) in source_name:
+                sources[name] = source_name[id(param)]
         net.clone_sources = sources
         if hasattr(backbone, "info"):
             net.info = backbone.info
