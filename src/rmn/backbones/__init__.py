@@ -7,14 +7,18 @@ as they are, and name their routed stages in ``stage_names``; a user's CNN can b
 """
 from rmn.backbones.base import Backbone, BackboneInfo, NamedBackbone
 from rmn.backbones.registry import create_backbone, image_variant, list_backbones, register_backbone
+from rmn.backbones.weights import WeightsError, load_weights, read_state_dict
 from rmn.backbones import efficientnet, resnet, vgg  # noqa: F401  (registers the built-in backbones)
 
 __all__ = [
     "Backbone",
     "BackboneInfo",
     "NamedBackbone",
+    "WeightsError",
     "create_backbone",
     "image_variant",
     "list_backbones",
+    "load_weights",
+    "read_state_dict",
     "register_backbone",
 ]
