@@ -143,6 +143,21 @@ class NamedBackbone(nn.Module):
         return nn.Sequential(*self._head_modules())
 
 
+class FeaturesBackbone(NamedBackbone):
+    """torchvision's ``features`` -> ``avgpool`` -> flatten -> ``classifier`` layout (VGG, EfficientNet)."""
+
+    features: nn.Sequential
+    avgpool: nn.Module
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
 def check_image_input(x: torch.Tensor, in_channels: int, min_image_size: int) -> None:
     """One-line errors for the usual mistakes: wrong rank, wrong channels, too small an image."""
     if x.dim() != 4:

@@ -42,7 +42,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rmn.backbones.base import NamedBackbone
+from rmn.backbones.base import FeaturesBackbone
 from rmn.backbones.registry import check_min_image_size, check_options, image_variant, make_info, register_backbone
 
 __all__ = ["EfficientNet", "MBConv", "SqueezeExcitation", "StochasticDepth", "make_divisible", "efficientnet_b0", "B0_SETTINGS"]
@@ -169,7 +169,7 @@ class MBConv(nn.Module):
         return result
 
 
-class EfficientNet(NamedBackbone):
+class EfficientNet(FeaturesBackbone):
     """torchvision's EfficientNet layout (``features``, ``avgpool``, ``classifier``) for B0."""
 
     def __init__(
@@ -218,13 +218,6 @@ class EfficientNet(NamedBackbone):
         self._declare(stage_names, stage_channels, out_channels, in_channels, min_image_size, "classifier.1",
                       make_info("efficientnet_b0", num_classes, image_size, in_channels, width_mult))
         _init_weights(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
     def _stem_modules(self) -> list[nn.Module]:
         return list(self.features[0])

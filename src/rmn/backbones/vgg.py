@@ -30,10 +30,9 @@ linear weights normal(0, 0.01) with zero bias.
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from rmn.backbones.base import NamedBackbone
+from rmn.backbones.base import FeaturesBackbone
 from rmn.backbones.registry import check_min_image_size, check_options, image_variant, make_info, register_backbone
 
 __all__ = ["VGG", "VGG16_BLOCKS", "vgg16"]
@@ -58,7 +57,7 @@ def _pool() -> nn.MaxPool2d:
     return nn.MaxPool2d(kernel_size=2, stride=2)
 
 
-class VGG(NamedBackbone):
+class VGG(FeaturesBackbone):
     """torchvision's VGG layout (``features``, ``avgpool``, ``classifier``) for VGG-16-BN."""
 
     def __init__(self, num_classes: int, image_size: int, in_channels: int, width_mult: float, dropout: float) -> None:
@@ -106,13 +105,6 @@ class VGG(NamedBackbone):
                       f"classifier.{len(self.classifier) - 1}",
                       make_info("vgg16", num_classes, image_size, in_channels, width_mult))
         _init_weights(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
     def _stem_modules(self) -> list[nn.Module]:
         return list(self.features[: self._stem_end])
