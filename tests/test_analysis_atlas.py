@@ -98,8 +98,7 @@ def test_atlas_uses_training_load_and_works_without_labels(atlas_setup, tmp_path
     net, images, display, _ = atlas_setup
     net.train()
     net.auto_update = False
-    with torch.no_grad():
-        net(images[:10])
+    net(images[:10])  # a training forward (gradients on) counts the load
     net.eval()
     out = memory_atlas(net, images, display[:, :1], None, None, top_k=2, out_dir=tmp_path)
     assert out["heatmaps"] == {}

@@ -7,6 +7,7 @@ from .features import MemoryInit, init_memories
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
 from .network import RoutedNetwork, clone_optimizer
+from .route import Routing, last_routes, route, routed_stages, update_memories
 from .stage import RoutedStage
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "MemoryBank",
     "RoutedNetwork",
     "RoutedStage",
+    "Routing",
     "clone_optimizer",
     "create_backbone",
     "dispatch",
@@ -24,6 +26,10 @@ __all__ = [
     "MemoryInit",
     "init_memories",
     "kmeans",
+    "last_routes",
     "list_backbones",
     "register_backbone",
+    "route",
+    "routed_stages",
+    "update_memories",
 ]

@@ -71,8 +71,7 @@ def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_sampl
         for x in batches:
             # the plain network (procedure 0 for every sample), Conditional Attention fed the routes
             # the routed network will use: the "cloned" path of the feature pass
-            for item in walk_stages(plain, x, "cloned"):
-                routes["now"] = item.routes
+            walk_stages(plain, x, "cloned", visit=lambda item: routes.__setitem__("now", item.routes))
     finally:
         for hook in hooks:
             hook.remove()

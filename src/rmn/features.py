@@ -2,10 +2,11 @@
 
 Everything that reads stage inputs goes through :func:`walk_stages`: recipe step 3 and
 :func:`rmn.init_memories`, the analysis features and the memory atlas, BatchNorm matching, and the
-calibration of benchmark memories. It runs the model's stem, then before each stage yields a
-:class:`StageInput` (the stage's input and its feature, :func:`rmn.memory.stage_feature`, float32
-whatever the autocast); the consumer may act there (set the stage's memories, record routes) before
-the stage runs on the way to the next one.
+calibration of benchmark memories. It runs the model's *own* forward (so it works on any model routed
+by :func:`rmn.route`), and forward hooks hand the consumer each stage's :class:`StageInput` (the stage's
+input and its feature, :func:`rmn.memory.stage_feature`, float32 whatever the autocast) before the stage
+runs; the consumer may act there (set the stage's memories, record routes). The pass stops once the
+last stage has run: the head is never computed.
 
 How a stage runs on the way (``path``):
 
@@ -18,13 +19,14 @@ How a stage runs on the way (``path``):
 * ``"auto"``: ``"stem"`` while no routed stage has its memories set (all equal, as a fresh clone's
   zeros, which would send every sample to memory 0), ``"routed"`` once one has.
 
-The stages may also be plain modules (an :class:`rmn.Backbone`): they then run as they are.
+The stages may also be plain modules (an :class:`rmn.Backbone`, a model declaring ``stage_names``):
+they then run as they are.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -34,6 +36,7 @@ from .backbones.base import device_of
 from .kmeans import kmeans
 from .memory import nearest, stage_feature
 from .precision import FLOAT32, Precision
+from .stage import RoutedStage
 
 PATHS = ("auto", "routed", "stem", "cloned")
 
@@ -57,47 +60,105 @@ def memories_set(bank: nn.Module) -> bool:
     return bool((m != m[:1]).any())
 
 
+def stage_entries(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+    """``(stage, first, last)`` per stage, in forward order: the stage's module (what holds its memory),
+    and the modules whose input and output are the stage's. A model routed by :func:`rmn.route` names its
+    routed stages; a model declaring ``stage_names`` (rmn's backbones, a user's CNN) names its stages, a
+    group of consecutive modules being one stage; else ``model.stages`` (a ``RoutedNetwork``)."""
+    routing = getattr(model, "rmn_routing", None)
+    if routing is not None:
+        return [(m, m, m) for m in (model.get_submodule(n) for n in routing.stages)]
+    names = getattr(model, "stage_names", None)
+    if names is not None:
+        groups = [[n] if isinstance(n, str) else list(n) for n in names]
+        entries = []
+        for g in groups:
+            first, last = model.get_submodule(g[0]), model.get_submodule(g[-1])
+            entries.append((first if len(g) == 1 else None, first, last))
+        return entries
+    stages = getattr(model, "stages", None)
+    if stages is None:
+        raise ValueError(f"{type(model).__name__} has no stages: route it with rmn.route(model, stages), "
+                         "or declare stage_names")
+    return [(m, m, m) for m in stages]
+
+
 def resolve_path(model: nn.Module, path: str = "auto") -> str:
     """``path`` checked, and ``"auto"`` decided on ``model``'s memories as they are now."""
     if path not in PATHS:
         raise ValueError(f"feature path must be one of {', '.join(PATHS)}, got {path!r}")
     if path != "auto":
         return path
-    banks = [getattr(stage, "memory", None) for stage in model.stages]
+    banks = [getattr(stage, "memory", None) for stage, _, _ in stage_entries(model)]
     return "routed" if any(b is not None and memories_set(b) for b in banks) else "stem"
 
 
-def walk_stages(model: nn.Module, x: torch.Tensor, path: str = "auto", run_last: bool = True) -> Iterator[StageInput]:
-    """Run ``model.stem`` on ``x``, then yield each stage's :class:`StageInput` before running it.
+class _StopWalk(Exception):
+    """Raised from a hook once the last stage has run: the head's output feeds no feature."""
 
-    Runs in whatever mode and autocast the caller set (a routed stage in training mode accumulates
-    memory statistics). ``run_last=False`` stops after the last stage's input: its output feeds
-    nothing but the head. Works on any model with ``stem`` and ``stages``.
+
+def walk_stages(
+    model: nn.Module,
+    x: torch.Tensor,
+    path: str = "auto",
+    run_last: bool = True,
+    visit: Callable[[StageInput], None] | None = None,
+) -> list[StageInput]:
+    """Run ``model``'s own forward on ``x`` up to its last stage; ``visit`` gets each stage's
+    :class:`StageInput` before the stage runs (it may set the stage's memories there). Returns them all.
+
+    Runs in whatever mode and autocast the caller set (a training-mode pass with gradients on moves the
+    memories, as the model's forward would). ``run_last=False`` stops before the last stage runs: its
+    output feeds nothing but the head. Works on any model with named or listed stages (:func:`stage_entries`).
     """
     path = resolve_path(model, path)
-    h = model.stem(x)
-    last = len(model.stages) - 1
-    for i, stage in enumerate(model.stages):
-        item = StageInput(i, stage, h, stage_feature(h))
-        memory = getattr(stage, "memory", None)
-        if path == "cloned" and memory is not None:
-            item.routes = nearest(item.feature, memory.memories)
-        yield item
-        if i == last and not run_last:
-            return
-        h = _run_stage(stage, h, path, item.routes)
-        if path == "routed":
-            item.routes = getattr(stage, "last_routes", None)
+    entries = stage_entries(model)
+    last = len(entries) - 1
+    items: list[StageInput] = []
+    hooks = []
 
+    def before(i: int, stage: nn.Module | None):
+        def hook(_module, args):
+            h = args[0]
+            item = StageInput(i, stage, h, stage_feature(h))
+            memory = getattr(stage, "memory", None)
+            if path == "cloned" and memory is not None:
+                item.routes = nearest(item.feature, memory.memories)
+            items.append(item)
+            if visit is not None:
+                visit(item)
+            if i == last and not run_last:
+                raise _StopWalk
+            if isinstance(stage, RoutedStage):
+                stage.walk = (path, item.routes)
+        return hook
 
-def _run_stage(stage: nn.Module, h: torch.Tensor, path: str, routes: torch.Tensor | None) -> torch.Tensor:
-    procedures = getattr(stage, "procedures", None)
-    if path == "routed" or procedures is None:
-        return stage(h)
-    y = procedures[0](h)  # the plain network: every sample through the same weights
-    if stage.attention is None:
-        return y
-    return stage.attention(y, routes if path == "cloned" else None)
+    def after(i: int, stage: nn.Module | None):
+        def hook(_module, _args, _output):
+            if isinstance(stage, RoutedStage):
+                stage.walk = None
+                if path == "routed":
+                    items[i].routes = stage.last_routes
+            if i == last:
+                raise _StopWalk
+        return hook
+
+    for i, (stage, first, end) in enumerate(entries):
+        hooks.append(first.register_forward_pre_hook(before(i, stage)))
+        hooks.append(end.register_forward_hook(after(i, stage)))
+    try:
+        model(x)
+    except _StopWalk:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+        for stage, _, _ in entries:
+            if isinstance(stage, RoutedStage):
+                stage.walk = None
+    if len(items) != len(entries):
+        raise ValueError(f"{len(entries) - len(items)} of {type(model).__name__}'s stages did not run in its forward")
+    return items
 
 
 def stage_inputs(model: nn.Module, x: torch.Tensor, path: str = "auto") -> list[torch.Tensor]:
@@ -134,7 +195,7 @@ def collect_stage_features(
     device = device_of(model)
     was_training = model.training
     model.eval()
-    feats: list[list[torch.Tensor]] = [[] for _ in model.stages]
+    feats: list[list[torch.Tensor]] = [[] for _ in stage_entries(model)]
     routes: list[torch.Tensor] = []
     routed = False
     try:
@@ -183,9 +244,10 @@ def init_memories(
     Under torch.distributed each process passes its own shard of the data: k-means all-reduces its
     sums, every process gets the same memories, and the cap is split between the processes.
     """
-    banks = [getattr(stage, "memory", None) for stage in getattr(model, "stages", ())]
+    banks = [getattr(stage, "memory", None) for stage, _, _ in stage_entries(model)]
     if not any(b is not None for b in banks):
-        raise ValueError(f"init_memories: {type(model).__name__} has no routed stage (clone it with RoutedNetwork.from_backbone first)")
+        raise ValueError(f"init_memories: {type(model).__name__} has no routed stage (route it with "
+                         "rmn.route(model, stages, num_procedures=N) first)")
     t0 = time.perf_counter()
     feats, _ = collect_stage_features(model, batches, "stem", precision)
     t1 = time.perf_counter()

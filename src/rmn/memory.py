@@ -115,12 +115,14 @@ class MemoryBank(nn.Module):
         return f"num_memories={self.num_memories}, dim={self.dim}, momentum={self.momentum}{extra}"
 
     def route(self, features: torch.Tensor) -> torch.Tensor:
-        """Route GAP'd features [B, C]; in training mode also record them for the next update."""
+        """Route GAP'd features [B, C]; in a training forward with gradients on also record them for the
+        next update (a no-grad pass in training mode, e.g. a feature pass, leaves the memories alone)."""
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"memory of dim {self.dim} got features of shape {tuple(features.shape)}")
+        record = self.training and torch.is_grad_enabled()
         with torch.no_grad():
             routes = nearest(features, self.memories)
-            if self.training:
+            if record:
                 self.accumulate(features, routes)
         return routes
 

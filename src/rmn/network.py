@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Iterable, Literal
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from . import features
-from .attention import ConditionalAttention
-from .backbones.base import check_image_input, device_of
+from .backbones.base import check_image_input
 from .memory import MemoryBank
+from .route import attention_kind, build_stage
 from .stage import RoutedStage
-
-AttentionKind = Literal["ca", "se"] | None
-
-
-def attention_kind(attention: bool | str | None) -> AttentionKind:
-    """Normalise the ``attention`` option: True/'ca' = Conditional Attention, 'se' = route-free SE."""
-    if attention is True or attention == "ca":
-        return "ca"
-    if attention == "se":
-        return "se"
-    if attention is False or attention is None or attention == "none":
-        return None
-    raise ValueError(f"attention must be true, false, 'ca', 'se' or 'none', got {attention!r}")
 
 
 class RoutedNetwork(nn.Module):
@@ -204,28 +191,16 @@ class RoutedNetwork(nn.Module):
                 raise ValueError("the backbone declares no in_channels: pass example_input")
             in_channels = example_input.shape[1]
 
-        from_routed = isinstance(backbone, RoutedNetwork)
         source_name = {id(p): n for n, p in backbone.named_parameters()}  # the source's own names, whatever its layout
         stages, sources = [], {}
         for i, src_stage in enumerate(backbone.stages):
-            if from_routed:
-                if src_stage.routed and src_stage.num_procedures > 1:
-                    raise ValueError(f"stage {i} of the source is already routed with {src_stage.num_procedures} procedures")
-                proc, src_attn = src_stage.procedures[0], src_stage.attention
-            else:
-                proc, src_attn = src_stage, None
-            attn = _attention(kind, src_attn, out_channels[i], num_procedures, attention_reduction, i, device_of(proc))
-            if i in routed:
-                procs = [copy.deepcopy(proc) for _ in range(num_procedures)]
-                memory = MemoryBank(num_procedures, stage_channels[i], memory_momentum, **(memory_options or {}))
-                memory.to(device_of(proc))
-            else:
-                procs, memory = [proc], None
-            stages.append(RoutedStage(procs, memory, attn))
-            for j in range(len(procs)):
-                for pname, param in proc.named_parameters():
-                    if id(param) in source_name:
-                        sources[f"stages.{i}.procedures.{j}.{pname}"] = source_name[id(param)]
+            stage, relative = build_stage(src_stage, num_procedures, i in routed, kind, stage_channels[i], out_channels[i],
+                                          attention_reduction, "random", memory_momentum, memory_options, name=str(i))
+            stages.append(stage)
+            for k, v in relative.items():  # the stage view's names -> the source's own (layer1.0.conv1.weight)
+                src = source_name.get(id(src_stage.get_parameter(v)))
+                if src is not None:
+                    sources[f"stages.{i}.{k}"] = src
         net = cls(
             backbone.stem,
             stages,
@@ -242,21 +217,6 @@ class RoutedNetwork(nn.Module):
         if hasattr(backbone, "info"):
             net.info = backbone.info
         return net.train(backbone.training)
-
-
-def _attention(kind, source, channels, num_routes, reduction, index, device) -> ConditionalAttention | None:
-    """Reuse the source's attention when it fits the request, else build a fresh one."""
-    if kind is None:
-        return None
-    want_routes = num_routes if kind == "ca" else 0
-    if source is not None:
-        if source.num_routes != want_routes:
-            raise ValueError(
-                f"stage {index}: the source's attention expects {source.num_routes} routes, "
-                f"but {want_routes} were asked for (num_procedures and attention must match stem training)"
-            )
-        return source
-    return ConditionalAttention(channels, want_routes, reduction).to(device)
 
 
 def _channels(backbone: nn.Module, example_input: torch.Tensor | None) -> tuple[list[int], list[int]]:
@@ -282,19 +242,21 @@ def _channels(backbone: nn.Module, example_input: torch.Tensor | None) -> tuple[
     return ins, outs
 
 
-def clone_optimizer(optimizer: torch.optim.Optimizer, source: nn.Module, routed: RoutedNetwork) -> torch.optim.Optimizer:
+def clone_optimizer(optimizer: torch.optim.Optimizer, source: nn.Module, routed: nn.Module) -> torch.optim.Optimizer:
     """A new optimizer of the same kind over ``routed``'s parameters, each procedure copy starting
     with a copy of its source parameter's state (SGD momentum, RMSprop square averages, Adam moments).
 
     Parameters with no counterpart in ``source`` (a freshly built attention) start with empty state
     in the first parameter group.
     """
+    routing = getattr(routed, "rmn_routing", None)  # a model routed by rmn.route, or a RoutedNetwork
+    clone_sources = routing.clone_sources if routing is not None else routed.clone_sources
     src_params = dict(source.named_parameters())
     group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
     pairs = []
     for name, p in routed.named_parameters():
-        src = src_params.get(routed.clone_sources.get(name, name))
+        src = src_params.get(clone_sources.get(name, name))
         gi = group_of.get(id(src), 0) if src is not None else 0
         groups[gi]["params"].append(p)
         pairs.append((p, src))

@@ -39,6 +39,11 @@ class RoutedStage(nn.Module):
         self.last_routes: torch.Tensor | None = None
         # Call every procedure, even on an empty slice (set by rmn.syncbn.convert_sync_batchnorm).
         self.run_every_procedure = False
+        # Apply the memory update right after routing, in a training forward with gradients on (set by
+        # rmn.route for plain training loops; the recipe updates once per optimizer step instead).
+        self.auto_update = False
+        # Set by a feature pass (rmn.features.walk_stages) for one forward: the path to run and its routes.
+        self.walk: tuple[str, torch.Tensor | None] | None = None
 
     @property
     def routed(self) -> bool:
@@ -49,8 +54,12 @@ class RoutedStage(nn.Module):
         return len(self.procedures)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.walk is not None and self.walk[0] != "routed":
+            return self._forward_plain(x, self.walk[1])
         if self.memory is not None:
             routes = self.memory.route(stage_feature(x))
+            if self.auto_update and self.training and torch.is_grad_enabled():
+                self.memory.update()
             try:
                 y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure)
             except ValueError as e:
@@ -67,3 +76,10 @@ class RoutedStage(nn.Module):
             y = self.attention(y, routes)
         self.last_routes = routes
         return y
+
+    def _forward_plain(self, x: torch.Tensor, routes: torch.Tensor | None) -> torch.Tensor:
+        """Procedure 0 for every sample, the attention fed ``routes`` (None: not routed yet): the plain
+        network of step 1, or (given the memories' routes) the routed network right after cloning."""
+        y = self.procedures[0](x)
+        self.last_routes = routes
+        return y if self.attention is None else self.attention(y, routes)

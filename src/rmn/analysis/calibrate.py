@@ -42,10 +42,12 @@ def _stagewise(net: nn.Module, x: torch.Tensor, choose, train: bool) -> None:
     net.train(train)
     try:
         with torch.no_grad(), preserved_buffers(net):
-            for item in walk_stages(net, x, "routed"):
+            def visit(item):
                 bank = getattr(item.stage, "memory", None)
                 if bank is not None:
                     bank.set_memories(choose(item.index, item.feature, bank))
+
+            walk_stages(net, x, "routed", visit=visit)
     finally:
         net.train(was_training)
 
