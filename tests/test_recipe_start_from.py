@@ -133,10 +133,10 @@ def test_checkpoints_that_are_not_step_one_are_refused(whole, stem_run, tmp_path
 # -- a torchvision/timm-layout state-dict file as step 1's initial weights --------------------------
 def tv_state(num_classes: int = 10) -> dict:
     """The weights of a torchvision-layout ResNet-18 written in the test (tiny_cfg's width, channels, variant)."""
-    from test_torchvision_layout import randomise, tv_resnet18
+    from torchvision_layout import ResNet18, randomize_batchnorm
 
     torch.manual_seed(7)
-    return randomise(tv_resnet18(width=8, in_channels=1, num_classes=num_classes, small=True)).state_dict()
+    return randomize_batchnorm(ResNet18(num_classes, width=8, in_channels=1, small=True), seed=7).state_dict()
 
 
 def reference_stem_net(cfg, state):

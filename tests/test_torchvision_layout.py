@@ -1,14 +1,12 @@
 """rmn's backbones under torchvision's module names: torchvision state dicts load with strict=True.
 
-The reference layouts below are written here, independently of rmn's backbone code, from the module
-names and forwards in torchvision's own source (torchvision/models/resnet.py, vgg.py,
-efficientnet.py and ops/misc.py: ``Conv2dNormActivation`` is an ``nn.Sequential`` of conv, BN and
-activation; ``SqueezeExcitation`` holds ``avgpool fc1 fc2 activation scale_activation``). Where
-torchvision itself is importable, the same checks also run against it.
+The reference layouts (tests/torchvision_layout.py) are written for the tests, independently of rmn's
+backbone code, from the module names and forwards in torchvision's own source (torchvision/models/
+resnet.py, vgg.py, efficientnet.py and ops/misc.py: ``Conv2dNormActivation`` is an ``nn.Sequential``
+of conv, BN and activation; ``SqueezeExcitation`` holds ``avgpool fc1 fc2 activation
+scale_activation``). Where torchvision itself is importable, the same checks also run against it.
 """
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -17,160 +15,12 @@ from torch import nn
 import rmn
 from rmn import RoutedNetwork, clone_optimizer
 
+from torchvision_layout import ResNet18, ResNet50, efficientnet_b0, randomize_batchnorm, vgg16_bn
+
 NAMES = ["resnet18", "resnet50", "vgg16", "efficientnet_b0"]
 
 
-# ---------------------------------------------------------------------------------------------
-# torchvision layouts, written for this test
-
-
-class TVBasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class TVBottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class TVResNet(nn.Module):
-    """torchvision's ResNet; ``width`` = channels of conv1 (64), ``small`` = rmn's small-image variant."""
-
-    def __init__(self, block, layers, num_classes=1000, width=64, in_channels=3, small=False):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 7, 1 if small else 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
-        inplanes = width
-        for i, n in enumerate(layers):
-            planes, stride = width * 2**i, 1 if i == 0 else 2
-            down = None
-            if stride != 1 or inplanes != planes * block.expansion:
-                down = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                                     nn.BatchNorm2d(planes * block.expansion))
-            blocks = [block(inplanes, planes, stride, down)]
-            inplanes = planes * block.expansion
-            blocks += [block(inplanes, planes) for _ in range(1, n)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(inplanes, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def tv_resnet18(**kw):
-    return TVResNet(TVBasicBlock, [2, 2, 2, 2], **kw)
-
-
-def tv_vgg16_bn(num_classes=1000):
-    layers, c = [], 3
-    for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(True)]
-            c = v
-    model = nn.Module()
-    model.features = nn.Sequential(*layers)
-    model.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 4096),
-                                     nn.ReLU(True), nn.Dropout(), nn.Linear(4096, num_classes))
-    return model
-
-
-def cna(cin, cout, k, stride=1, groups=1, act=True):  # torchvision's Conv2dNormActivation (a Sequential)
-    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, *([nn.SiLU(inplace=True)] if act else []))
-
-
-class TVSqueezeExcitation(nn.Module):
-    def __init__(self, channels, squeeze):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
-        self.activation, self.scale_activation = nn.SiLU(inplace=True), nn.Sigmoid()
-
-    def forward(self, x):
-        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
-
-
-class TVMBConv(nn.Module):
-    def __init__(self, ratio, k, stride, cin, cout):
-        super().__init__()
-        exp = cin * ratio
-        self.block = nn.Sequential(*([cna(cin, exp, 1)] if ratio != 1 else []), cna(exp, exp, k, stride, exp),
-                                   TVSqueezeExcitation(exp, max(1, cin // 4)), cna(exp, cout, 1, act=False))
-        self.stochastic_depth = nn.Identity()  # torchvision's StochasticDepth: no parameters, identity in eval
-        self.res = stride == 1 and cin == cout
-
-    def forward(self, x):
-        return self.block(x) + x if self.res else self.block(x)
-
-
-def tv_efficientnet_b0(num_classes=1000):
-    settings = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
-                (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]
-    layers = [cna(3, 32, 3, 2)]
-    for r, k, s, cin, cout, n in settings:
-        layers.append(nn.Sequential(*[TVMBConv(r, k, s if i == 0 else 1, cin if i == 0 else cout, cout) for i in range(n)]))
-    model = nn.Module()
-    model.features = nn.Sequential(*layers, cna(320, 1280, 1))
-    model.avgpool = nn.AdaptiveAvgPool2d(1)
-    model.classifier = nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(1280, num_classes))
-    model.forward = lambda x: model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
-    return model
-
-
-TEST_LAYOUTS = {
-    "resnet18": tv_resnet18,
-    "resnet50": lambda: TVResNet(TVBottleneck, [3, 4, 6, 3]),
-    "vgg16": tv_vgg16_bn,
-    "efficientnet_b0": tv_efficientnet_b0,
-}
-
-
-def randomise(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so eval outputs depend on every tensor."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-    return model
+TEST_LAYOUTS = {"resnet18": ResNet18, "resnet50": ResNet50, "vgg16": vgg16_bn, "efficientnet_b0": efficientnet_b0}
 
 
 def layout(model: nn.Module) -> list[tuple[str, tuple]]:
@@ -201,17 +51,17 @@ def test_vgg_features_indexed_as_torchvision():
     with torch.device("meta"):
         ours = rmn.create_backbone("vgg16", num_classes=1000, image_size=224)
         tiny = rmn.create_backbone("vgg16", num_classes=10, image_size=64)
-        ref = tv_vgg16_bn()
+        ref = vgg16_bn()
     assert [type(m) for m in ours.features] == [type(m) for m in ref.features]
     pools = [i for i, m in enumerate(ours.features) if isinstance(m, nn.MaxPool2d)]
     assert pools == [6, 13, 23, 33, 43]
     assert [i for i, m in enumerate(tiny.features) if isinstance(m, nn.Identity)] == [6, 13]
 
 
-@pytest.mark.parametrize("name, make", [("resnet18", tv_resnet18), ("efficientnet_b0", tv_efficientnet_b0)])
+@pytest.mark.parametrize("name, make", [("resnet18", ResNet18), ("efficientnet_b0", efficientnet_b0)])
 def test_state_dict_loads_strictly_with_bit_identical_outputs(name, make):
     torch.manual_seed(0)
-    ref = randomise(make()).eval()
+    ref = randomize_batchnorm(make()).eval()
     ours = rmn.create_backbone(name, num_classes=1000, image_size=224)
     ours.load_state_dict(ref.state_dict(), strict=True)
     ours.eval()
@@ -229,7 +79,7 @@ def test_torchvision_itself():
             assert layout(rmn.create_backbone(name, num_classes=1000)) == layout(build()), name
     for name in ("resnet18", "efficientnet_b0"):
         torch.manual_seed(0)
-        ref = randomise(builders[name]()).eval()
+        ref = randomize_batchnorm(builders[name]()).eval()
         ours = rmn.create_backbone(name, num_classes=1000)
         ours.load_state_dict(ref.state_dict(), strict=True)
         x = torch.randn(2, 3, 224, 224)
@@ -342,7 +192,7 @@ def test_load_weights_reports_mismatches_in_one_line(tmp_path):
 
     torch.manual_seed(0)
     model = rmn.create_backbone("resnet18", num_classes=10, image_size=32, width_mult=0.125)
-    sd = tv_resnet18(width=8, num_classes=10, small=True).state_dict()
+    sd = ResNet18(width=8, num_classes=10, small=True).state_dict()
     path = tmp_path / "w.pth"
     torch.save({"model": sd}, path)
     load_weights(model, read_state_dict(path), source=str(path))
@@ -352,10 +202,10 @@ def test_load_weights_reports_mismatches_in_one_line(tmp_path):
     del broken["layer1.0.conv1.weight"]
     with pytest.raises(WeightsError, match=r"w\.pth: .*1 missing \(layer1\.0\.conv1\.weight\); 1 unexpected \(head\.weight\)"):
         load_weights(model, broken, source=str(path))
-    wide = tv_resnet18(width=16, num_classes=10, small=True).state_dict()
+    wide = ResNet18(width=16, num_classes=10, small=True).state_dict()
     with pytest.raises(WeightsError, match=r"of another shape .*first: conv1\.weight is \(16, 3, 7, 7\)"):
         load_weights(model, wide, source=str(path))
-    other = tv_resnet18(width=8, num_classes=1000, small=True).state_dict()
+    other = ResNet18(width=8, num_classes=1000, small=True).state_dict()
     with pytest.raises(WeightsError, match=r"another number of classes \(fc\.weight is \(1000, 64\), the model's \(10, 64\)\); "
                                            r"set skip_classifier=True"):
         load_weights(model, other, source=str(path))
