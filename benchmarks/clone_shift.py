@@ -36,6 +36,7 @@ from rmn.bn_match import match_batchnorm  # noqa: E402
 from rmn.recipe.config import from_dict  # noqa: E402
 from rmn.recipe.checkpoint import latest_checkpoint  # noqa: E402
 from rmn.recipe.steps import Run, clone, init_memory  # noqa: E402
+from rmn.route import memory_banks
 
 
 def training_batches(run: Run, batch: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -57,7 +58,7 @@ def measure(model: torch.nn.Module, batches, train_mode: bool, random_routes: bo
     """Mean loss and accuracy over ``batches``, on a throw-away copy (statistics it updates are dropped)."""
     m = copy.deepcopy(model).train(train_mode)
     if random_routes:
-        for bank in m.memory_banks():
+        for bank in memory_banks(m):
             if bank is not None:
                 bank.route = lambda f, n=bank.num_memories: torch.randint(n, (f.shape[0],))
     loss = correct = total = 0.0

@@ -40,6 +40,7 @@ from rmn.features import stage_inputs
 from rmn.kmeans import kmeans
 from rmn.recipe import build, steps
 from rmn.recipe.config import load_config
+from rmn.route import memory_banks
 
 
 def synthetic_set(n: int, size: int, seed: int = 0) -> InMemoryDataset:
@@ -147,7 +148,7 @@ def main() -> None:
     t_load, t_eval, t_feat, feats = interleaved_passes(stem, routed, loader)
     print(f"passes done: load {t_load:.1f}s eval {t_eval:.1f}s features {t_feat:.1f}s", flush=True)
     stages = []
-    for i, bank in enumerate(routed.memory_banks()):
+    for i, bank in enumerate(memory_banks(routed)):
         if bank is None:
             continue
         best, res = float("inf"), None

@@ -42,6 +42,8 @@ from rmn.analysis.latency import interleaved_times, varied_images
 from rmn.backbones import create_backbone
 from rmn.network import RoutedNetwork
 from rmn.precision import Precision, compile_parts
+from rmn.route import update_memories
+from rmn.training import drop_idle_gradients
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 MODELS = {  # name: (width_mult, image size, channels, classes)
@@ -113,8 +115,8 @@ def train_fn(net, precision: Precision, x: torch.Tensor, y: torch.Tensor, batch:
         with precision.autocast():
             loss = F.cross_entropy(net(xs[s:s + batch]), y[s:s + batch])
         loss.backward()
-        net.update_memories()
-        net.drop_idle_gradients()
+        update_memories(net)
+        drop_idle_gradients(net)
         opt.step()
 
     return step, net

@@ -7,6 +7,7 @@ from PIL import Image
 from rmn import RoutedNetwork
 from rmn.analysis.atlas import grid_size, memory_atlas, nearest_images
 from rmn.analysis.calibrate import init_memories
+from rmn.route import memory_banks
 
 
 def test_nearest_images_matches_brute_force():
@@ -103,7 +104,7 @@ def test_atlas_uses_training_load_and_works_without_labels(atlas_setup, tmp_path
     out = memory_atlas(net, images, display[:, :1], None, None, top_k=2, out_dir=tmp_path)
     assert out["heatmaps"] == {}
     summary = json.loads(out["json"].read_text())
-    for s, bank in zip(summary["stages"], net.memory_banks()):
+    for s, bank in zip(summary["stages"], memory_banks(net)):
         assert s["share_source"] == "training load"
         assert s["load"]["load"] == bank.load.tolist() and s["load"]["total"] == 10
     _check_png(out["grids"][0], grid_size(3, 2))

@@ -7,6 +7,7 @@ import torch
 from rmn.analysis import cli
 from rmn.analysis.calibrate import _counts_from_shares, memories_for_shares
 from rmn.analysis.latency import format_latency, interleaved_times, run_latency
+from rmn.route import memory_banks
 
 
 def _parser(**kw):
@@ -70,7 +71,7 @@ def test_memories_for_shares_gives_requested_split(toy):
             for stage_counts in got:
                 assert sum(stage_counts) == 64
                 assert max(abs(a - b) for a, b in zip(stage_counts, want)) <= 2, (shares, train, got)
-    assert all(int(b.load.sum()) == 0 for b in net.memory_banks())  # calibration left no trace
+    assert all(int(b.load.sum()) == 0 for b in memory_banks(net))  # calibration left no trace
 
 
 def test_latency_smoke_small():

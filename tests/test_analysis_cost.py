@@ -5,10 +5,11 @@ from rmn import RoutedNetwork, create_backbone
 from rmn.analysis.cost import count_params, cost_table, format_table, macs_per_image, rows_to_csv, write_json
 from rmn.analysis.calibrate import init_memories
 from rmn.analysis.features import stage_inputs
+from rmn.route import memory_banks
 
 
 def _randomise(net):
-    for bank in net.memory_banks():
+    for bank in memory_banks(net):
         if bank is not None:
             bank.set_memories(torch.randn(bank.num_memories, bank.dim))
 
@@ -74,6 +75,6 @@ def test_stage_inputs_match_routing_features(toy):
         feats = stage_inputs(net, x)
         net(x)
     assert [f.shape[1] for f in feats] == toy.stage_channels
-    for f, bank, r in zip(feats, net.memory_banks(), net.last_routes):
+    for f, bank, r in zip(feats, memory_banks(net), net.last_routes):
         d = torch.cdist(f.double(), bank.memories.double())
         assert torch.equal(d.argmin(1), r)

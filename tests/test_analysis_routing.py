@@ -6,6 +6,7 @@ import torch
 from rmn import RoutedNetwork
 from rmn.analysis.routing import (class_memory_counts, load_stats, mean_purity, network_load_stats, purity,
                                   route_stats, routing_report)
+from rmn.route import memory_banks
 
 
 def test_load_stats_balanced():
@@ -72,7 +73,7 @@ def test_route_stats_and_report_skip_unrouted_rows():
 
 def test_network_load_stats(toy):
     net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=False, routed_stages=[0, 2])
-    for bank in net.memory_banks():
+    for bank in memory_banks(net):
         if bank is not None:
             bank.set_memories(torch.randn(bank.num_memories, bank.dim))
     net.train()

@@ -12,6 +12,8 @@ from rmn.bn_match import match_batchnorm
 from rmn.kmeans import kmeans
 from rmn.memory import nearest
 from tests.conftest import toy_backbone
+from rmn.features import stage_inputs
+from rmn.route import memory_banks
 
 
 def routed_toy(seed=0, n=3):
@@ -30,8 +32,8 @@ def routed_toy(seed=0, n=3):
 def init_memories(net, x):
     net.eval()
     with torch.no_grad():
-        feats = net.stage_inputs(x, as_stem=True)
-    for bank, f in zip(net.memory_banks(), feats):
+        feats = stage_inputs(net, x, "stem")
+    for bank, f in zip(memory_banks(net), feats):
         bank.set_memories(kmeans(f, bank.num_memories, seed=0).centers)
 
 
@@ -134,7 +136,7 @@ def test_training_mode_output_follows_the_plain_network(attention):
 def test_nothing_routed_nothing_matched_and_an_empty_cluster_is_left_alone():
     net = routed_toy(n=2)
     x = torch.randn(16, 3, 16, 16)
-    for bank in net.memory_banks():  # memory 1 far away: procedure 1 of every stage gets nothing
+    for bank in memory_banks(net):  # memory 1 far away: procedure 1 of every stage gets nothing
         m = torch.zeros(bank.memories.shape)
         m[1] = 1e6
         bank.set_memories(m)

@@ -16,6 +16,9 @@ from rmn import RoutedNetwork, init_memories
 from rmn.distributed import data_parallel
 from rmn.syncbn import GlobalBatchNorm2d, convert_sync_batchnorm
 from tests.conftest import toy_backbone
+from rmn.features import stage_inputs
+from rmn.route import memory_banks, update_memories
+from rmn.training import drop_idle_gradients
 
 STEPS, B = 3, 6
 
@@ -33,8 +36,8 @@ def make_setup():
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(2 * B, 3, 16, 16, generator=g), torch.randint(5, (2 * B,), generator=g)) for _ in range(STEPS)]
     net.eval()
-    feats = net.stage_inputs(data[0][0], as_stem=True)
-    for bank, f in zip(net.memory_banks(), feats):
+    feats = stage_inputs(net, data[0][0], "stem")
+    for bank, f in zip(memory_banks(net), feats):
         m = torch.stack([f[1:].mean(0), f[1:].mean(0) + 0.05 * f[1:].std(0), f[0]])
         bank.set_memories(m)
     net.train()
@@ -50,11 +53,11 @@ def train_steps(net, model, data, shard):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        counts = [b.pending_count.clone() for b in net.memory_banks()]
-        net.update_memories()
-        net.drop_idle_gradients()
+        counts = [b.pending_count.clone() for b in memory_banks(net)]
+        update_memories(net)
+        drop_idle_gradients(net)
         opt.step()
-        out.append({"loss": loss.detach(), "counts": counts, "memories": [b.memories.clone() for b in net.memory_banks()]})
+        out.append({"loss": loss.detach(), "counts": counts, "memories": [b.memories.clone() for b in memory_banks(net)]})
     out.append({"state": {k: v.clone() for k, v in net.state_dict().items()}})
     return out
 
@@ -66,7 +69,7 @@ def init_on_shard(rank, world):
     net = RoutedNetwork.from_backbone(stem, num_procedures=3)
     x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     done = init_memories(net, list(x[rank::world].split(8)), iters=20)
-    return {"memories": [b.memories.clone() for b in net.memory_banks()], "sizes": done.cluster_sizes}
+    return {"memories": [b.memories.clone() for b in memory_banks(net)], "sizes": done.cluster_sizes}
 
 
 def worker(rank, world, port, outdir):

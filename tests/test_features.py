@@ -11,6 +11,7 @@ from rmn.analysis import collect_stage_features
 from rmn.features import resolve_path, stage_inputs, walk_stages
 from rmn.memory import nearest
 from tests.conftest import toy_backbone
+from rmn.route import memory_banks
 
 
 def fresh_clone(attention=True, num_procedures=3):
@@ -41,7 +42,7 @@ def test_public_features_of_a_fresh_clone_are_the_stem_features_step_3_clusters(
     x = torch.randn(10, 3, 16, 16)
     want = stem_reference(stem, x)
     public, _ = collect_stage_features(net, x, batch_size=4)
-    recipe = net.eval().stage_inputs(x, as_stem=True)
+    recipe = stage_inputs(net.eval(), x, "stem")
     assert len(public) == len(recipe) == len(want) == 3
     for i, (w, p, r) in enumerate(zip(want, public, recipe)):
         assert torch.allclose(p, w, atol=1e-6), f"public helper, stage {i}"
@@ -90,7 +91,7 @@ def test_init_memories_over_any_iterable_of_batches_is_step_3():
     for batches in (loader, list(x.split(16)), list(zip(x.split(16), y.split(16)))):
         net = RoutedNetwork.from_backbone(stem, num_procedures=3)
         done = init_memories(net, batches, iters=20, seed=1)
-        results.append(([b.memories.clone() for b in net.memory_banks()], done.cluster_sizes))
+        results.append(([b.memories.clone() for b in memory_banks(net)], done.cluster_sizes))
         assert set(done.seconds) == {"features", "kmeans"}
     for memories, sizes in results[1:]:
         assert sizes == results[0][1]
@@ -145,10 +146,10 @@ def test_the_readme_python_api_runs_as_written(monkeypatch):
     net = ns["net"]
     assert sorted(ns["sizes"]) == ["stage0", "stage1", "stage2", "stage3"]
     assert all(sum(s) == 64 for s in ns["sizes"].values())
-    before = [b.memories.clone() for b in net.memory_banks()]
+    before = [b.memories.clone() for b in memory_banks(net)]
     with torch.no_grad():
         net.eval()(x)
     assert all(r.unique().numel() > 1 for r in net.last_routes)
     exec(compile("train(net, opt, loader)" + tail, "README.md", "exec"), ns)
-    assert all(not torch.equal(a, b.memories) for a, b in zip(before, net.memory_banks()))
+    assert all(not torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
 

@@ -11,6 +11,7 @@ from rmn import RoutedNetwork
 from rmn.memory import MemoryBank
 from tests.conftest import toy_backbone
 from tests.test_distributed import free_port
+from rmn.training import reclone_procedure
 
 
 def bank_with(mem, **kw):
@@ -92,7 +93,7 @@ def test_reclone_procedure_copies_weights_and_optimizer_state():
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net.train()(torch.randn(4, 3, 16, 16)).sum().backward()
     opt.step()
-    net.reclone_procedure(0, 2, 0, opt)
+    reclone_procedure(net, 0, 2, 0, opt)
     for p2, p0 in zip(net.stages[0].procedures[2].parameters(), net.stages[0].procedures[0].parameters()):
         assert torch.equal(p2, p0) and p2 is not p0
         assert p2.grad is None

@@ -9,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import rmn
 from rmn import RoutedNetwork, clone_optimizer
 from tests.conftest import toy_backbone
+from rmn.route import is_routed, memory_banks, update_memories
+from rmn.training import scale_procedure_gradients
 
 
 def small_backbones():
@@ -35,7 +37,7 @@ def randomize_bn(model):
 
 def random_memories(net, seed=0):
     g = torch.Generator().manual_seed(seed)
-    for bank in net.memory_banks():
+    for bank in memory_banks(net):
         if bank is not None:
             bank.set_memories(torch.randn(bank.memories.shape, generator=g))
 
@@ -60,7 +62,7 @@ def test_train_output_equals_backbone_when_all_take_one_route(name, build, x):
     torch.manual_seed(0)
     bb = build().train()
     net = RoutedNetwork.from_backbone(bb, num_procedures=3, attention=False).train()
-    for bank in net.memory_banks():  # memory 2 at the origin-ish, others far away: everybody goes to 2
+    for bank in memory_banks(net):  # memory 2 at the origin-ish, others far away: everybody goes to 2
         m = torch.full(bank.memories.shape, 1e4)
         m[2] = 0
         bank.set_memories(m)
@@ -74,7 +76,7 @@ def test_train_output_equals_backbone_when_all_take_one_route(name, build, x):
 
 def test_gradients_only_reach_used_procedures_and_never_memories(toy):
     net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=True).train()
-    for bank in net.memory_banks():
+    for bank in memory_banks(net):
         m = torch.full(bank.memories.shape, 1e4)
         m[0], m[2] = 0, 0.0
         m[2, 0] = 1e-3  # 0 and 2 nearly tied at the origin: samples split between them
@@ -95,7 +97,7 @@ def test_scale_procedure_gradients_touches_only_routed_procedures(toy):
     random_memories(net)
     net(torch.randn(16, 3, 16, 16)).sum().backward()
     before = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    net.scale_procedure_gradients(2.5)
+    scale_procedure_gradients(net, 2.5)
     for n, p in net.named_parameters():
         if n not in before:
             assert p.grad is None
@@ -108,22 +110,22 @@ def test_scale_procedure_gradients_touches_only_routed_procedures(toy):
 def test_memories_move_only_in_training(toy):
     net = RoutedNetwork.from_backbone(toy, num_procedures=2)
     random_memories(net)
-    before = [b.memories.clone() for b in net.memory_banks()]
+    before = [b.memories.clone() for b in memory_banks(net)]
     net.eval()(torch.randn(4, 3, 16, 16))
-    assert all(torch.equal(a, b.memories) for a, b in zip(before, net.memory_banks()))
+    assert all(torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
     net.train()(torch.randn(4, 3, 16, 16))
-    assert all(not torch.equal(a, b.memories) for a, b in zip(before, net.memory_banks()))
+    assert all(not torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
 
 
 def test_auto_update_off_defers_until_update_memories(toy):
     net = RoutedNetwork.from_backbone(toy, num_procedures=2)
     random_memories(net)
     net.auto_update = False
-    before = [b.memories.clone() for b in net.memory_banks()]
+    before = [b.memories.clone() for b in memory_banks(net)]
     net.train()(torch.randn(4, 3, 16, 16))
-    assert all(torch.equal(a, b.memories) for a, b in zip(before, net.memory_banks()))
-    net.update_memories()
-    assert all(not torch.equal(a, b.memories) for a, b in zip(before, net.memory_banks()))
+    assert all(torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
+    update_memories(net)
+    assert all(not torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
 
 
 def macs(model, x):
@@ -173,7 +175,7 @@ def test_procedures_are_real_copies(toy):
 
 def test_stem_network_with_attention_then_clone_keeps_attention(toy):
     stem_net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=True, routed_stages=())
-    assert not stem_net.routed
+    assert not is_routed(stem_net)
     attn = [s.attention for s in stem_net.stages]
     assert all(a is not None and a.num_routes == 4 for a in attn)
     x = torch.randn(6, 3, 16, 16)
@@ -224,7 +226,7 @@ def test_cloned_optimizer_step_equals_backbone_step(opt_name):
     net = RoutedNetwork.from_backbone(bb, num_procedures=3, attention=False)
     new_opt = clone_optimizer(opt, bb, net)
     assert type(new_opt) is type(opt)
-    for bank in net.memory_banks():  # all to procedure 1
+    for bank in memory_banks(net):  # all to procedure 1
         m = torch.full(bank.memories.shape, 1e4)
         m[1] = 0
         bank.set_memories(m)
@@ -274,5 +276,5 @@ def test_users_own_cnn_with_example_input():
         RoutedNetwork.from_backbone(MyNet())
     mine = MyNet()
     net = RoutedNetwork.from_backbone(mine, num_procedures=3, example_input=x)
-    assert [b.dim for b in net.memory_banks()] == [4, 8]
+    assert [b.dim for b in memory_banks(net)] == [4, 8]
     assert net(x).shape == (4, 3)

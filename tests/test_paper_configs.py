@@ -22,6 +22,7 @@ from rmn.recipe.config import load_config
 from rmn.syncbn import convert_sync_batchnorm
 from test_data_cifar import write_cifar100
 from test_data_images import write_imagenet, write_tiny
+from rmn.route import is_routed
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
@@ -133,7 +134,7 @@ def test_model_builds(rel):
         stem = build_stem_network(cfg, spec, cfg.data.image_size)  # = build_model(..., "stem")
         routed = clone_network(cfg, stem) if e["mode"] == "rmn" else None  # = build_model(..., "cloned")
         convert_sync_batchnorm(routed or stem)
-    assert len(stem.stages) == ROUTED_STAGES[e["model"]] and not stem.routed
+    assert len(stem.stages) == ROUTED_STAGES[e["model"]] and not is_routed(stem)
     for st in stem.stages:
         if e["attention"] == "none":
             assert st.attention is None
@@ -144,7 +145,7 @@ def test_model_builds(rel):
     if e["mode"] == "baseline":
         total = stem_params
     else:
-        assert routed.routed and len(routed.stages) == len(stem.stages)
+        assert is_routed(routed) and len(routed.stages) == len(stem.stages)
         per_stage = [count_params(st.procedures[0]) for st in stem.stages]
         for st, size in zip(routed.stages, per_stage):
             assert st.num_procedures == n and len(st.procedures) == n

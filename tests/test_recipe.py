@@ -21,6 +21,7 @@ from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import load_config
 from rmn.recipe.runner import run_steps
 from rmn.recipe.steps import RecipeError, Run, clone, init_memory, train_baseline, train_routed, train_stem
+from rmn.route import is_routed, memory_banks
 
 STEPS_PER_EPOCH = 1437 // 256  # 5, the last partial batch is dropped
 
@@ -97,7 +98,7 @@ def stepwise(tmp_path_factory):
 
     init_memory(run)
     snap["after_memory"] = (run.phase, run.epoch, run.step, names(run))
-    snap["memories"] = [b.memories.clone() if b is not None else None for b in run.model.memory_banks()]
+    snap["memories"] = [b.memories.clone() if b is not None else None for b in memory_banks(run.model)]
     snap["extra"] = json.loads(json.dumps(run.extra))
     model_before = run.model
     clone(run)  # a step the run is already past is a no-op
@@ -106,9 +107,9 @@ def stepwise(tmp_path_factory):
 
     train_routed(run)
     snap["after_routed"] = (run.phase, run.epoch, run.step, names(run))
-    snap["final_memories"] = [b.memories.clone() if b is not None else None for b in run.model.memory_banks()]
+    snap["final_memories"] = [b.memories.clone() if b is not None else None for b in memory_banks(run.model)]
     snap["final_state"] = {k: v.clone() for k, v in run.model.state_dict().items()}
-    snap["loads"] = [b.load.clone() for b in run.model.memory_banks() if b is not None]
+    snap["loads"] = [b.load.clone() for b in memory_banks(run.model) if b is not None]
     run.log.close()
     return cfg, out, snap
 
@@ -256,7 +257,7 @@ def test_baseline_runs_the_same_schedule_without_cloning(tmp_path):
     assert run.epoch == 0
     train_baseline(run)
     assert (run.phase, run.epoch, run.step) == ("baseline", 2, 2 * STEPS_PER_EPOCH)
-    assert not run.model.routed
+    assert not is_routed(run.model)
     assert names(run) == ["ckpt-00001-baseline-e1.safetensors", "ckpt-00002-baseline-e2.safetensors"]
     run.log.close()
     assert list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard scalars
@@ -286,12 +287,12 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
 
 
 def test_procedure_grad_scale_applies_to_routed_steps_only(tmp_path, monkeypatch):
-    from rmn.network import RoutedNetwork
+    from rmn.recipe import steps
 
     calls = []
-    real = RoutedNetwork.scale_procedure_gradients
-    monkeypatch.setattr(RoutedNetwork, "scale_procedure_gradients",
-                        lambda self, f: (calls.append((self.routed, f)), real(self, f)))
+    real = steps.scale_procedure_gradients
+    monkeypatch.setattr(steps, "scale_procedure_gradients",
+                        lambda model, f: (calls.append((is_routed(model), f)), real(model, f)))
     run_steps(tiny_cfg(tmp_path / "s", **{"schedule.epochs": 2, "schedule.stem_epochs": 1, "optim.procedure_grad_scale": 8.0,
                                           "run.atlas": False}))
     assert calls == [(True, 8.0)] * STEPS_PER_EPOCH  # once per routed optimizer step, never in step 1

@@ -33,6 +33,7 @@ from rmn.backbones import Backbone, register_backbone
 from rmn.data.loader import TensorLoader
 from rmn.recipe.config import load_config
 from rmn.recipe.steps import Run, clone, init_memory, train_routed, train_stem
+from rmn.route import memory_banks
 
 
 class Stop(Exception):
@@ -47,7 +48,7 @@ def one_routed_step(cfg, capture: bool = False):
     train_stem(run)  # schedule.stem_epochs = 0: nothing to do
     clone(run)
     init_memory(run)
-    before = [b.memories.clone() if b is not None else None for b in run.model.memory_banks()]
+    before = [b.memories.clone() if b is not None else None for b in memory_banks(run.model)]
     seen = [[] for _ in run.model.stages]
     hooks = []
     if capture:
@@ -96,7 +97,7 @@ def test_accumulated_step_matches_the_update_over_all_collected_features(tmp_pat
     run, before, seen = one_routed_step(cfg, capture=True)
     alpha = cfg.model.memory_momentum
     checked = 0
-    for i, bank in enumerate(run.model.memory_banks()):
+    for i, bank in enumerate(memory_banks(run.model)):
         if bank is None:
             continue
         assert [c.shape[0] for c in seen[i]] == [64, 64, 64, 64]  # really four micro-batches
@@ -152,7 +153,7 @@ def test_micro_batches_equal_one_batch_without_batchnorm(tmp_path, plain_cnn_reg
     assert [c.shape[0] for c in seen[0]] == [64] * 4
     for a, b in zip(before_whole, before_micro):
         assert torch.equal(a, b)  # same start: same seed, same k-means
-    banks = list(zip(whole.model.memory_banks(), micro.model.memory_banks(), before_whole))
+    banks = list(zip(memory_banks(whole.model), memory_banks(micro.model), before_whole))
     assert len(banks) == 3
     for i, (bw, bm, start) in enumerate(banks):
         assert torch.equal(bw.load, bm.load), f"stage {i}"

@@ -6,9 +6,10 @@ from .dispatch import dispatch
 from .features import MemoryInit, init_memories
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
-from .network import RoutedNetwork, clone_optimizer
+from .network import RoutedNetwork
 from .route import Routing, last_routes, route, routed_stages, update_memories
 from .stage import RoutedStage
+from .training import clone_optimizer
 
 __version__ = "0.1.0"
 

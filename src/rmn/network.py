@@ -46,12 +46,10 @@ class RoutedNetwork(nn.Module):
         self.min_image_size = min_image_size
         self.stage_channels = list(stage_channels or [])
         self.out_channels = list(out_channels or [])
-        # Apply memory updates at the end of every training forward. The recipe turns this off and
-        # calls update_memories() once per optimizer step (gradient accumulation).
-        self.auto_update = True
         self.last_routes: torch.Tensor | None = None
         # name of each parameter here -> name of the parameter it was cloned from (or is) in the source.
         self.clone_sources: dict[str, str] = {}
+        self.auto_update = True
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,93 +61,18 @@ class RoutedNetwork(nn.Module):
             r = stage.last_routes
             routes.append(r if r is not None else torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device))
         self.last_routes = torch.stack(routes) if routes else None
-        if self.training and self.auto_update:
-            self.update_memories()
         return self.head(h)
 
-    # -- memories ----------------------------------------------------------------------------
-    def memory_banks(self) -> list[MemoryBank | None]:
-        """The memory of each stage (None for unrouted stages), in stage order."""
-        return [s.memory for s in self.stages]
-
-    @torch.no_grad()
-    def update_memories(self) -> list[tuple[int, int, int]]:
-        """Apply the pending memory updates of every routed stage.
-
-        Returns the memory revivals of this step as ``(stage, revived, donor)`` (empty unless
-        revival is switched on); :meth:`reclone_procedure` gives a revived memory its donor's procedure.
-        """
-        events = []
-        for i, bank in enumerate(self.memory_banks()):
-            if bank is not None:
-                events += [(i, j, donor) for j, donor in bank.update()]
-        return events
-
-    @torch.no_grad()
-    def reclone_procedure(self, stage: int, target: int, donor: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Overwrite procedure ``target`` of a stage with a copy of procedure ``donor`` (weights,
-        BatchNorm statistics and, given the optimizer, its per-parameter state)."""
-        procs = self.stages[stage].procedures
-        procs[target].load_state_dict(procs[donor].state_dict())
-        for p in procs[target].parameters():  # gradients of the old weights do not apply to the copy
-            p.grad = None
-        if optimizer is None:
-            return
-        for p_t, p_d in zip(procs[target].parameters(), procs[donor].parameters()):
-            if p_d in optimizer.state:
-                optimizer.state[p_t] = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in optimizer.state[p_d].items()}
-            else:
-                optimizer.state.pop(p_t, None)
-
-    @torch.no_grad()
-    def drop_idle_gradients(self) -> None:
-        """Clear the gradients of procedures that received no sample (on any rank) in the last update.
-
-        They normally have none. With synchronised BatchNorm every procedure runs, even on an empty
-        slice, and gets zero gradients; without this, momentum and weight decay would still move it.
-        Call after :meth:`update_memories` and before the optimizer step.
-        """
-        for stage in self.stages:
-            counts = stage.memory.last_counts if stage.memory is not None else None
-            if counts is None or not stage.run_every_procedure:  # an idle procedure that never ran has no gradient
-                continue
-            for j in (counts == 0).nonzero().flatten().tolist():
-                for p in stage.procedures[j].parameters():
-                    p.grad = None
-
-    def scale_procedure_gradients(self, factor: float) -> None:
-        """Multiply the gradients of every routed stage's procedures by ``factor`` (shared layers and
-        attention keep theirs): with SGD, a learning rate ``factor`` times higher for the procedures."""
-        for stage in self.stages:
-            if stage.memory is None:
-                continue
-            for p in stage.procedures.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
-
-    def reset_load(self) -> None:
-        for bank in self.memory_banks():
-            if bank is not None:
-                bank.reset_load()
-
     @property
-    def routed(self) -> bool:
-        return any(s.routed for s in self.stages)
+    def auto_update(self) -> bool:
+        """Whether the routed stages update their memories in every training forward with gradients on
+        (see :func:`rmn.route.set_auto_update`); off, :meth:`update_memories` applies them."""
+        return all(s.auto_update for s in self.stages)
 
-    def stage_inputs(self, x: torch.Tensor, as_stem: bool = False) -> list[torch.Tensor]:
-        """The GAP'd input [B, C_i] of every stage for a batch (what the memories compare with).
-
-        ``as_stem=True`` computes them as the stem network would: procedure 0 everywhere and the
-        attention's not-yet-routed input. Right after cloning every procedure of a stage is the same,
-        so this one pass gives the features recipe step 3 clusters, before any memory exists.
-        The pass is :func:`rmn.features.stage_inputs` (path ``"stem"``, or ``"routed"``).
-        """
-        check_image_input(x, self.in_channels, self.min_image_size)
-        return features.stage_inputs(self, x, "stem" if as_stem else "routed")
-
-    @property
-    def num_procedures(self) -> int:
-        return max(s.num_procedures for s in self.stages)
+    @auto_update.setter
+    def auto_update(self, on: bool) -> None:
+        for s in self.stages:
+            s.auto_update = bool(on)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -240,30 +163,3 @@ def _channels(backbone: nn.Module, example_input: torch.Tensor | None) -> tuple[
             outs.append(h.shape[1])
     backbone.train(was_training)
     return ins, outs
-
-
-def clone_optimizer(optimizer: torch.optim.Optimizer, source: nn.Module, routed: nn.Module) -> torch.optim.Optimizer:
-    """A new optimizer of the same kind over ``routed``'s parameters, each procedure copy starting
-    with a copy of its source parameter's state (SGD momentum, RMSprop square averages, Adam moments).
-
-    Parameters with no counterpart in ``source`` (a freshly built attention) start with empty state
-    in the first parameter group.
-    """
-    routing = getattr(routed, "rmn_routing", None)  # a model routed by rmn.route, or a RoutedNetwork
-    clone_sources = routing.clone_sources if routing is not None else routed.clone_sources
-    src_params = dict(source.named_parameters())
-    group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
-    pairs = []
-    for name, p in routed.named_parameters():
-        src = src_params.get(clone_sources.get(name, name))
-        gi = group_of.get(id(src), 0) if src is not None else 0
-        groups[gi]["params"].append(p)
-        pairs.append((p, src))
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    new = type(optimizer)([g for g in groups if g["params"]], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
-    new.defaults = dict(optimizer.defaults)
-    for p, src in pairs:
-        if src is not None and src in optimizer.state:
-            new.state[p] = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in optimizer.state[src].items()}
-    return new

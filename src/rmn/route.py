@@ -74,9 +74,43 @@ def attention_kind(attention: bool | str | None) -> str | None:
 
 
 def routed_stages(model: nn.Module) -> list[RoutedStage]:
-    """The routed stages of a model returned by :func:`route`, in forward order."""
-    routing = routing_of(model)
-    return [model.get_submodule(name) for name in routing.stages]
+    """The stages of a routed model (:func:`route`, or a ``RoutedNetwork``) in forward order, unrouted
+    ones (one procedure, no memory) included: index ``i`` is stage ``i`` everywhere in rmn."""
+    routing = getattr(model, "rmn_routing", None)
+    if routing is None and isinstance(getattr(model, "stages", None), nn.ModuleList):
+        if all(isinstance(s, RoutedStage) for s in model.stages):
+            return list(model.stages)
+    return [model.get_submodule(name) for name in routing_of(model).stages]
+
+
+def is_routed(model: nn.Module) -> bool:
+    """Whether any stage routes (has memories): false for the plain network of step 1 and the baseline."""
+    return any(s.routed for s in routed_stages(model))
+
+
+def num_procedures(model: nn.Module) -> int:
+    """The most procedures any stage has (1 for a plain network)."""
+    return max(s.num_procedures for s in routed_stages(model))
+
+
+def set_auto_update(model: nn.Module, on: bool) -> None:
+    """Whether routed stages apply their memory update in every training forward (``on``, the default of
+    :func:`route`), or leave it to an explicit :func:`update_memories` once per optimizer step (what the
+    recipe does: with gradient accumulation or several processes, one update over the whole batch)."""
+    for stage in routed_stages(model):
+        stage.auto_update = bool(on)
+
+
+def memory_banks(model: nn.Module) -> list[MemoryBank | None]:
+    """The memory of each stage (None for unrouted ones), in stage order."""
+    return [s.memory for s in routed_stages(model)]
+
+
+def reset_load(model: nn.Module) -> None:
+    """Zero every memory's count of the samples routed to it (the recipe does so at each epoch's start)."""
+    for bank in memory_banks(model):
+        if bank is not None:
+            bank.reset_load()
 
 
 def routing_of(model: nn.Module) -> Routing:
@@ -91,9 +125,9 @@ def update_memories(model: nn.Module) -> list[tuple[int, int, int]]:
     """Apply the pending memory statistics of every routed stage (once per optimizer step when the
     stages' ``auto_update`` is off). Returns revivals as ``(stage, revived, donor)``."""
     events = []
-    for i, stage in enumerate(routed_stages(model)):
-        if stage.memory is not None:
-            events += [(i, j, donor) for j, donor in stage.memory.update()]
+    for i, bank in enumerate(memory_banks(model)):
+        if bank is not None:
+            events += [(i, j, donor) for j, donor in bank.update()]
     return events
 
 

@@ -30,6 +30,7 @@ from ..network import RoutedNetwork
 from .calibrate import memories_for_shares
 from .cost import write_report
 from .latency import _loadavg, _summary, environment, interleaved_times, varied_images
+from ..route import memory_banks
 
 TARGETS = {"b1_eval": 1.03, "cifar_eval": 1.08, "cifar_train": 1.15}
 SHARES = {"uniform": [1 / 8] * 8, "skewed": [0.7] + [0.3 / 7] * 7}
@@ -109,7 +110,7 @@ def bench_train(nets: dict, x: torch.Tensor, y: torch.Tensor, n: int, repeats: i
                 log: Callable[[str], None]) -> dict[str, Any]:
     for kind in ("uniform", "skewed"):
         memories_for_shares(nets[kind], x, _shares(kind, n), train=True)
-        for bank in nets[kind].memory_banks():
+        for bank in memory_banks(nets[kind]):
             if bank is not None:
                 bank.momentum = 1.0  # the update runs, the memories stay: routes stay fixed
     # a tiny learning rate keeps the routes where they were set (the step costs the same at any lr)

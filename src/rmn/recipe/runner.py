@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..analysis.cost import count_params, macs_per_image
+from ..route import is_routed, num_procedures
 from .checkpoint import atomic_write_bytes, best_checkpoint
 from .config import Config
 from .steps import Run, clone, evaluate, init_memory, routing_row, train_baseline, train_routed, train_stem
@@ -39,7 +40,7 @@ def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict
         init_memory(run)
         train_routed(run)
     summary = write_summary(run, time.perf_counter() - t0)
-    if run.model.routed and run.cfg.run.atlas and distributed.rank() == 0:
+    if is_routed(run.model) and run.cfg.run.atlas and distributed.rank() == 0:
         write_atlas(run)
     run.log.close()
     return summary
@@ -69,7 +70,7 @@ def write_summary(run: Run, seconds: float) -> dict:
         "backbone": run.cfg.model.backbone,
         "width_mult": run.cfg.model.width_mult,
         "attention": run.cfg.model.attention,
-        "num_procedures": run.model.num_procedures,
+        "num_procedures": num_procedures(run.model),
         "epochs": run.epoch,
         "steps": run.step,
         "batch_size": run.cfg.data.batch_size,

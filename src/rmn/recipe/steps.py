@@ -26,9 +26,12 @@ from ..analysis.routing import load_stats
 from ..backbones.weights import STATE_DICT_SUFFIXES, WeightsError, read_state_dict
 from ..bn_match import match_batchnorm
 from ..features import init_memories
-from ..network import RoutedNetwork, clone_optimizer
+from ..network import RoutedNetwork
+from ..route import (is_routed, memory_banks, num_procedures, reset_load, routed_stages, set_auto_update,
+                     update_memories)
 from ..precision import FLOAT32, Precision, compile_parts, uncompile
 from ..syncbn import convert_sync_batchnorm
+from ..training import clone_optimizer, drop_idle_gradients, reclone_procedure, scale_procedure_gradients
 from . import build
 from .checkpoint import (PHASES, Checkpoint, CheckpointError, checkpoint_config, describe_skipped, is_plain_safetensors,
                          latest_checkpoint, load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
@@ -228,7 +231,7 @@ def _check_output(out: Path) -> None:
 
 def _check_routed_stages(cfg: Config, model: RoutedNetwork) -> None:
     """model.routed_stages is checked before step 1, not when step 2 meets it epochs later."""
-    n, wanted = len(model.stages), cfg.model.routed_stages
+    n, wanted = len(routed_stages(model)), cfg.model.routed_stages
     if wanted is not None and any(not 0 <= i < n for i in wanted):
         raise ConfigError(f"model.routed_stages={wanted} out of range: {cfg.model.backbone} has {n} stages (0..{n - 1})")
 
@@ -352,11 +355,11 @@ def train_epochs(run: Run, end_epoch: int) -> None:
     total_steps, warmup_steps = _schedule(run)
     micro = cfg.data.micro_batch_size
     mode = progress_mode(cfg.run.progress)
-    model.auto_update = False
+    set_auto_update(model, False)  # one memory update per optimizer step, below
     clock = RunClock(run.step, total_steps)
     for epoch in range(run.epoch, end_epoch):
         model.train()
-        model.reset_load()
+        reset_load(model)
         train_loader.set_epoch(epoch)
         meter = Throughput()
         revived = 0
@@ -385,16 +388,16 @@ def train_epochs(run: Run, end_epoch: int) -> None:
                 finite &= torch.isfinite(loss.detach())
             if (run.step + 1) % host_every == 0 and not bool(finite):
                 raise RecipeError(f"training diverged {'at' if host_every == 1 else 'at or before'} step {run.step} (loss {float(loss.detach())}); lower optim.lr")
-            revivals = model.update_memories()  # once per optimizer step, over the whole (global) batch
+            revivals = update_memories(model)  # once per optimizer step, over the whole (global) batch
             for stage_i, dead, donor in revivals:
                 if cfg.model.revive_reclone:
-                    model.reclone_procedure(stage_i, dead, donor, opt)
+                    reclone_procedure(model, stage_i, dead, donor, opt)
                 run.say(f"[revive] step {run.step}: stage {stage_i} memory {dead} re-seeded from memory {donor}"
                         + (" (procedure re-cloned)" if cfg.model.revive_reclone else ""))
             revived += len(revivals)
-            model.drop_idle_gradients()
-            if cfg.optim.procedure_grad_scale != 1.0 and model.routed:
-                model.scale_procedure_gradients(cfg.optim.procedure_grad_scale)
+            drop_idle_gradients(model)
+            if cfg.optim.procedure_grad_scale != 1.0 and is_routed(model):
+                scale_procedure_gradients(model, cfg.optim.procedure_grad_scale)
             scaler.step(opt)  # fp16: unscales, and skips the step if a gradient overflowed
             scaler.update()
             run.step += 1
@@ -414,7 +417,7 @@ def train_epochs(run: Run, end_epoch: int) -> None:
         if run.epoch % cfg.run.eval_every == 0 or run.epoch == end_epoch:
             row.update(evaluate(run))
         # every rank ends the epoch with the global loads (reset when the next epoch starts)
-        distributed.all_reduce_sum(*[b.load for b in model.memory_banks() if b is not None])
+        distributed.all_reduce_sum(*[b.load for b in memory_banks(model) if b is not None])
         row.update(routing_row(model))
         if cfg.model.revive_after:
             row["revived"] = revived
@@ -434,7 +437,7 @@ def _after_step(run: Run, bar, loss: float, lr: float, meter: Throughput, clock:
 
 def _log_routes(run: Run) -> None:
     """The epoch's route histogram of every routed stage (global counts: called after their all-reduce)."""
-    counts = {f"stage{i}": [int(c) for c in b.load.tolist()] for i, b in enumerate(run.model.memory_banks()) if b is not None}
+    counts = {f"stage{i}": [int(c) for c in b.load.tolist()] for i, b in enumerate(memory_banks(run.model)) if b is not None}
     if counts:
         run.log.route_histograms(run.epoch, counts)
 
@@ -442,7 +445,7 @@ def _log_routes(run: Run) -> None:
 def routing_row(model: RoutedNetwork) -> dict:
     """Per-stage load shares and entropy of the epoch, and the number of dead procedures."""
     row, dead = {}, 0
-    for i, bank in enumerate(model.memory_banks()):
+    for i, bank in enumerate(memory_banks(model)):
         if bank is None:
             continue
         st = load_stats(bank.load)
@@ -472,7 +475,9 @@ def evaluate(run: Run, loader=None) -> dict:
     model.eval()
     loader = loader if loader is not None else run.loaders[1]
     n = torch.zeros(3, dtype=torch.float64, device=run.device)  # samples, top-1 hits, top-5 hits
-    route_counts = torch.zeros(len(model.stages), model.num_procedures, dtype=torch.long, device=run.device)
+    stages = routed_stages(model)
+    n_procs = num_procedures(model)
+    route_counts = torch.zeros(len(stages), n_procs, dtype=torch.long, device=run.device)
     for x, y in loader:
         with run.precision.autocast():
             logits = model(run.precision.batch(x))
@@ -480,13 +485,14 @@ def evaluate(run: Run, loader=None) -> dict:
         top = logits.topk(k, dim=1).indices
         n += torch.stack([torch.tensor(float(x.shape[0]), device=run.device, dtype=torch.float64),
                           (top[:, 0] == y).sum().double(), (top == y[:, None]).any(1).sum().double()])
-        for i, r in enumerate(model.last_routes):
-            route_counts[i] += torch.bincount(r.clamp(min=0), minlength=model.num_procedures)
+        for i, stage in enumerate(stages):
+            if stage.last_routes is not None:
+                route_counts[i] += torch.bincount(stage.last_routes, minlength=n_procs)
     # ranks may hold different numbers of evaluation batches: collectives only after the loop
     distributed.all_reduce_sum(n, route_counts)
     out = {"eval_top1": float(n[1] / n[0]), "eval_top5": float(n[2] / n[0])}
-    if model.routed:
-        for i, bank in enumerate(model.memory_banks()):
+    if is_routed(model):
+        for i, bank in enumerate(memory_banks(model)):
             if bank is not None:
                 out[f"eval_load_stage{i}"] = [round(float(c), 4) for c in (route_counts[i].double() / route_counts[i].sum()).tolist()]
     return out
@@ -516,7 +522,7 @@ def clone(run: Run) -> Run:
         compile_parts(run.model)
     run.wrap()
     run.phase = "cloned"
-    run.say(f"[clone] {routed.num_procedures} procedures per routed stage; "
+    run.say(f"[clone] {num_procedures(routed)} procedures per routed stage; "
             f"{sum(p.numel() for p in routed.parameters()) / 1e6:.2f}M parameters")
     run.save()
     return run
@@ -532,7 +538,7 @@ def init_memory(run: Run) -> Run:
     cfg = run.cfg.run
     done = init_memories(run.model, run.loaders[2], iters=cfg.kmeans_iters, seed=cfg.kmeans_seed,
                          max_samples=cfg.kmeans_max_samples, precision=run.precision)
-    for i, bank in enumerate(run.model.memory_banks()):
+    for i, bank in enumerate(memory_banks(run.model)):
         if bank is not None:
             sizes = done.cluster_sizes[f"stage{i}"]
             run.say(f"[init-memory] stage {i}: {sum(sizes)} features of dim {bank.dim}, cluster sizes {sizes}")
