@@ -1,7 +1,7 @@
 """Plain state-dict files (torchvision / timm layout) into a model: strict, with one-line errors.
 
-rmn's backbones keep torchvision's module names, so a torchvision (or timm, for the same
-architecture) state dict loads as it is. :func:`read_state_dict` reads ``.pth`` / ``.pt`` / ``.bin``
+rmn's backbones keep torchvision's module names, so a torchvision state dict (or a timm ResNet's,
+which uses the same names) loads as it is. :func:`read_state_dict` reads ``.pth`` / ``.pt`` / ``.bin``
 files with ``torch.load(weights_only=True)`` (nothing is unpickled beyond tensors and plain
 containers) and ``.safetensors`` files; a dict wrapping the weights as ``{"state_dict": ...}`` or
 ``{"model": ...}`` (what training scripts save) is unwrapped. :func:`load_weights` loads it with
