@@ -22,7 +22,7 @@ from rmn.recipe.config import load_config
 from rmn.syncbn import convert_sync_batchnorm
 from test_data_cifar import write_cifar100
 from test_data_images import write_imagenet, write_tiny
-from rmn.route import is_routed
+from rmn.route import is_routed, routed_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
@@ -134,8 +134,8 @@ def test_model_builds(rel):
         stem = build_stem_network(cfg, spec, cfg.data.image_size)  # = build_model(..., "stem")
         routed = clone_network(cfg, stem) if e["mode"] == "rmn" else None  # = build_model(..., "cloned")
         convert_sync_batchnorm(routed or stem)
-    assert len(stem.stages) == ROUTED_STAGES[e["model"]] and not is_routed(stem)
-    for st in stem.stages:
+    assert len(routed_stages(stem)) == ROUTED_STAGES[e["model"]] and not is_routed(stem)
+    for st in routed_stages(stem):
         if e["attention"] == "none":
             assert st.attention is None
         else:  # CA during stem training takes N random routes; SE takes none
@@ -145,9 +145,9 @@ def test_model_builds(rel):
     if e["mode"] == "baseline":
         total = stem_params
     else:
-        assert is_routed(routed) and len(routed.stages) == len(stem.stages)
-        per_stage = [count_params(st.procedures[0]) for st in stem.stages]
-        for st, size in zip(routed.stages, per_stage):
+        assert is_routed(routed) and len(routed_stages(routed)) == len(routed_stages(stem))
+        per_stage = [count_params(st.procedures[0]) for st in routed_stages(stem)]
+        for st, size in zip(routed_stages(routed), per_stage):
             assert st.num_procedures == n and len(st.procedures) == n
             assert st.memory.num_memories == n and st.memory.momentum == e["alpha"]
             assert all(count_params(p) == size for p in st.procedures)

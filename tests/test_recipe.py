@@ -143,10 +143,10 @@ def test_clone_copies_weights_statistics_and_optimizer_momentum(stepwise):
     assert snap["stem_optimizer_is_new"]
     stem_params, cloned_params = snap["stem_params"], snap["cloned_params"]
 
-    def source(name):  # stages.i.procedures.j.X was cloned from stages.i.procedures.0.X of the stem network
-        return re.sub(r"(stages\.\d+\.procedures\.)\d+\.", r"\g<1>0.", name)
+    def source(name):  # layerI.procedures.j.X was cloned from layerI.procedures.0.X of the stem network
+        return re.sub(r"(layer\d+\.procedures\.)\d+\.", r"\g<1>0.", name)
 
-    procs = {m.group(0) for n in cloned_params if (m := re.match(r"stages\.\d+\.procedures\.\d+", n))}
+    procs = {m.group(0) for n in cloned_params if (m := re.match(r"layer\d+\.procedures\.\d+", n))}
     assert len(procs) == 4 * cfg.model.num_procedures  # every stage of the ResNet routed, N copies each
     assert snap["cloned_param_count"] == len(cloned_params)  # every parameter is optimised
     for name, value in cloned_params.items():

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import save_file
 
 import rmn
-from rmn import RoutedNetwork
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError
 from rmn.recipe.runner import run_steps
@@ -144,8 +143,8 @@ def reference_stem_net(cfg, state):
     torch.manual_seed(cfg.run.seed)
     bb = rmn.create_backbone("resnet18", num_classes=10, image_size=8, in_channels=1, width_mult=0.125)
     bb.load_state_dict(state, strict=True)
-    return RoutedNetwork.from_backbone(bb, cfg.model.num_procedures, "ca", routed_stages=(),
-                                       attention_reduction=cfg.model.attention_reduction)
+    return rmn.route(bb, None, cfg.model.num_procedures, "ca", clone=False, attention_init="random",
+                     attention_reduction=cfg.model.attention_reduction)
 
 
 @pytest.mark.parametrize("kind", ["pth", "safetensors"])
@@ -201,5 +200,5 @@ def test_state_dict_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
     run.log.close()
     fresh = Run.open(tiny_cfg(tmp_path / "fresh"))
     fresh.log.close()
-    assert torch.equal(run.model.stem[0].weight, imagenet["conv1.weight"])
-    assert torch.equal(run.model.head[2].weight, fresh.model.head[2].weight)  # the classifier starts afresh
+    assert torch.equal(run.model.conv1.weight, imagenet["conv1.weight"])
+    assert torch.equal(run.model.fc.weight, fresh.model.fc.weight)  # the classifier starts afresh

@@ -191,9 +191,10 @@ def route(
         groups = _stage_groups(model, stages)
         chosen = set(range(len(groups)))
     out = model if inplace else copy.deepcopy(model)
-    members = [[out.get_submodule(name) for name in group] for group in groups]
+    # a routed model's stage sits in its group's first place (the others are Identity)
+    members = [[out.get_submodule(name) for name in (group if previous is None else group[:1])] for group in groups]
     if previous is None:
-        ins, outs = _probe_channels(out, members, example_input)
+        ins, outs = _declared_channels(model, groups) or _probe_channels(out, members, example_input)
     routing = Routing(stages=[g[0] for g in groups], groups=[list(g) for g in groups], stage_channels=ins,
                       out_channels=outs, num_procedures=num_procedures, attention=kind)
     for i, (group, mods) in enumerate(zip(groups, members)):
@@ -325,6 +326,17 @@ def _source_name(group: list[str], src: str, from_routed: bool) -> str:
         return f"{group[0]}.{src}"
     index, _, rest = src.partition(".")  # a group's procedure is nn.Sequential(*members)
     return f"{group[int(index)]}.{rest}"
+
+
+def _declared_channels(model: nn.Module, groups: list[list[str]]) -> tuple[list[int], list[int]] | None:
+    """The channels a backbone declares for its own ``stage_names`` (rmn's backbones do), else None."""
+    names = getattr(model, "stage_names", None)
+    ins, outs = getattr(model, "stage_channels", None), getattr(model, "out_channels", None)
+    if names is None or ins is None or outs is None:
+        return None
+    if [[n] if isinstance(n, str) else list(n) for n in names] != groups:
+        return None
+    return list(ins), list(outs)
 
 
 class _StopProbe(Exception):

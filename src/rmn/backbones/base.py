@@ -58,6 +58,11 @@ class Backbone(nn.Module):
         self.min_image_size = min_image_size
         self.info = info
 
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages as :func:`rmn.route` names them: ``stages.0``, ``stages.1``, ..."""
+        return [f"stages.{i}" for i in range(len(self.stages))]
+
     def check_input(self, x: torch.Tensor) -> None:
         """Reject inputs the architecture cannot take, with a message that says why."""
         check_image_input(x, self.in_channels, self.min_image_size)

@@ -1,15 +1,19 @@
 """Config -> data, model and optimizer. The only place that knows how a config becomes objects."""
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from .. import data as rdata
 from ..backbones import create_backbone, load_weights
-from ..network import RoutedNetwork
+from ..route import route
 from .checkpoint import Checkpoint, CheckpointError, load_model_state
-from .config import Config
+from .config import Config, ConfigError
 
 ROUTED_PHASES = ("cloned", "memory", "routed")
 
@@ -64,7 +68,20 @@ def build_loaders(cfg: Config, data: Data, device: torch.device, rank: int = 0, 
     return train, evl, feats
 
 
+def import_user_modules(cfg: Config) -> None:
+    """Import ``model.imports`` (with the working directory on the path, as ``python -m`` has it), so a user's
+    module can register its backbone before it is built; a module that does not import is a one-line error."""
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for name in cfg.model.imports:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # an ImportError, or whatever the user's module raised while importing
+            raise ConfigError(f"model.imports: cannot import {name!r} ({type(e).__name__}: {e})") from None
+
+
 def build_backbone(cfg: Config, data_spec, image_size: int):
+    import_user_modules(cfg)
     m = cfg.model
     kwargs = {}
     if m.drop_path_rate is not None:
@@ -77,7 +94,7 @@ def attention_option(cfg: Config):
     return None if cfg.model.attention == "none" else cfg.model.attention
 
 
-def build_stem_network(cfg: Config, data_spec, image_size: int, initial: dict | None = None) -> RoutedNetwork:
+def build_stem_network(cfg: Config, data_spec, image_size: int, initial: dict | None = None) -> nn.Module:
     """The plain network of recipe step 1 (and of the baseline): no stage routed yet. ``initial``: a
     torchvision-layout state dict loaded into the backbone first (``run.start_from``, a WeightsError
     when it does not fit; ``run.start_from_skip_classifier`` keeps the classifier fresh)."""
@@ -85,27 +102,35 @@ def build_stem_network(cfg: Config, data_spec, image_size: int, initial: dict | 
     if initial is not None:
         load_weights(backbone, initial, cfg.run.start_from_skip_classifier, source=cfg.run.start_from,
                      skip_option="run.start_from_skip_classifier=true")
-    return RoutedNetwork.from_backbone(backbone, cfg.model.num_procedures, attention_option(cfg), routed_stages=(),
-                                       attention_reduction=cfg.model.attention_reduction)
+    stages = cfg.model.stages or getattr(backbone, "stage_names", None)
+    if not stages:
+        raise ConfigError(f"model.stages: backbone {cfg.model.backbone!r} ({type(backbone).__name__}) declares no "
+                          "stage_names; list its stages by module name, e.g. [layer1, layer2, layer3, layer4]")
+    try:
+        return route(backbone, stages, cfg.model.num_procedures, attention_option(cfg), clone=False, attention_init="random",
+                     attention_reduction=cfg.model.attention_reduction)
+    except ValueError as e:
+        raise ConfigError(f"model.stages: {e}") from None
 
 
-def clone_network(cfg: Config, stem: RoutedNetwork) -> RoutedNetwork:
-    """Recipe step 2 on the model side: N procedures per routed stage, memories to be initialised."""
+def clone_network(cfg: Config, stem: nn.Module) -> nn.Module:
+    """Recipe step 2 on the model side: N procedures per routed stage (``model.routed_stages``, indices into
+    the stages; default all), memories to be initialised. ``stem`` itself is left as it is."""
     m = cfg.model
     memory = {"rule": m.memory_rule, "accumulate_steps": m.memory_accumulate_steps, "smoothing": m.memory_smoothing,
               "revive_after": m.revive_after, "revive_threshold": m.revive_threshold}
-    return RoutedNetwork.from_backbone(stem, m.num_procedures, attention_option(cfg), routed_stages=m.routed_stages,
-                                       memory_momentum=m.memory_momentum, attention_reduction=m.attention_reduction,
-                                       memory_options=memory)
+    names = stem.rmn_routing.stages
+    chosen = None if m.routed_stages is None else [names[i] for i in m.routed_stages]
+    return route(stem, chosen, m.num_procedures, memory_momentum=m.memory_momentum, memory_options=memory)
 
 
-def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> RoutedNetwork:
+def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> nn.Module:
     """The network with the structure of ``phase`` (randomly initialised; load weights after)."""
     stem = build_stem_network(cfg, data_spec, image_size)
     return clone_network(cfg, stem) if phase in ROUTED_PHASES else stem
 
 
-def model_from_checkpoint(cfg: Config, data_spec, image_size: int, ckpt: Checkpoint, device, phase: str | None = None) -> RoutedNetwork:
+def model_from_checkpoint(cfg: Config, data_spec, image_size: int, ckpt: Checkpoint, device, phase: str | None = None) -> nn.Module:
     """The network of ``phase`` (default: ``ckpt``'s) with ``ckpt``'s weights; a config that builds no model, or tensors that do
     not fit it, is a one-line CheckpointError naming the file."""
     try:

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
+    # modules imported before the backbone is built: a user's module that registers one (rmn.register_backbone)
+    imports: list[str] = field(default_factory=list)
+    # the routed stages by module name, or groups of consecutive names; None = the backbone's stage_names
+    stages: Optional[list] = None
     width_mult: float = 1.0
     num_procedures: int = 8
     attention: str = "ca"  # "ca" (Conditional Attention), "se" (no route input), "none"
@@ -137,6 +141,8 @@ class Config:
         m, d, s, o, r = self.model, self.data, self.schedule, self.optim, self.run
         checks = [
             (m.num_procedures >= 1, "model.num_procedures must be >= 1"),
+            (m.stages is None or (len(m.stages) > 0 and all(_stage_spec(s) for s in m.stages)),
+             f"model.stages must be a non-empty list of module names or of lists of names, got {m.stages!r}"),
             (m.attention in ("ca", "se", "none"), f"model.attention must be 'ca', 'se' or 'none', got {m.attention!r}"),
             (0.0 <= m.memory_momentum <= 1.0, "model.memory_momentum must be in [0, 1]"),
             (m.memory_rule in ("ema", "count_ema"), f"model.memory_rule must be 'ema' or 'count_ema', got {m.memory_rule!r}"),
@@ -180,6 +186,12 @@ def _section_types(section: str) -> dict[str, Any]:
     cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "run": RunConfig}[section]
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _stage_spec(spec: Any) -> bool:
+    if isinstance(spec, str):
+        return bool(spec)
+    return isinstance(spec, list) and len(spec) > 0 and all(isinstance(n, str) and n for n in spec)
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
