@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from rmn.backbones import Backbone, BackboneInfo, create_backbone, image_variant, list_backbones, register_backbone
+from rmn.backbones import Backbone, BackboneInfo, NamedBackbone, create_backbone, image_variant, list_backbones, register_backbone
 from rmn.backbones.efficientnet import MBConv, StochasticDepth, make_divisible
 from rmn.backbones.resnet import BasicBlock, Bottleneck
 
@@ -64,7 +64,7 @@ def test_list_backbones():
 
 def test_create_fills_info():
     model = create_backbone("resnet18", num_classes=7, image_size=64, in_channels=1, width_mult=0.25)
-    assert isinstance(model, Backbone)
+    assert isinstance(model, NamedBackbone)
     assert model.info == BackboneInfo(name="resnet18", num_classes=7, image_size=64, in_channels=1, width_mult=0.25)
     assert model.in_channels == 1
 

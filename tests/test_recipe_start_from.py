@@ -1,4 +1,5 @@
-"""``run.start_from``: step 1 taken from another run's plain-network checkpoint.
+"""``run.start_from``: step 1 taken from another run's plain-network checkpoint, or started from a
+torchvision-layout state-dict file.
 
 A run started from a stem run (or a baseline run) at ``schedule.stem_epochs`` must end exactly where
 the run that trained its own step 1 ends: same weights, memories, optimizer state and metrics for
@@ -10,7 +11,10 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import rmn
+from rmn import RoutedNetwork
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError
 from rmn.recipe.runner import run_steps
@@ -125,3 +129,78 @@ def test_checkpoints_that_are_not_step_one_are_refused(whole, stem_run, tmp_path
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RecipeError, match=r"run\.start_from=.*bad\.safetensors"):
         Run.open(tiny_cfg(tmp_path / "d", **{"run.start_from": str(bad)}))
+
+
+# -- a torchvision/timm-layout state-dict file as step 1's initial weights --------------------------
+def tv_state(num_classes: int = 10) -> dict:
+    """The weights of a torchvision-layout ResNet-18 written in the test (tiny_cfg's width, channels, variant)."""
+    from torchvision_layout import ResNet18, randomize_batchnorm
+
+    torch.manual_seed(7)
+    return randomize_batchnorm(ResNet18(num_classes, width=8, in_channels=1, small=True), seed=7).state_dict()
+
+
+def reference_stem_net(cfg, state):
+    """What step 1 must start from: the seeded backbone with ``state`` loaded by torch's own strict load."""
+    torch.manual_seed(cfg.run.seed)
+    bb = rmn.create_backbone("resnet18", num_classes=10, image_size=8, in_channels=1, width_mult=0.125)
+    bb.load_state_dict(state, strict=True)
+    return RoutedNetwork.from_backbone(bb, cfg.model.num_procedures, "ca", routed_stages=(),
+                                       attention_reduction=cfg.model.attention_reduction)
+
+
+@pytest.mark.parametrize("kind", ["pth", "safetensors"])
+def test_a_state_dict_file_is_the_initial_backbone_of_step_one(kind, tmp_path):
+    state = tv_state()
+    path = tmp_path / f"tv.{kind}"
+    if kind == "pth":
+        torch.save({"state_dict": state}, path)  # as training scripts wrap it
+    else:
+        save_file(state, str(path))
+    cfg = tiny_cfg(tmp_path / "out", **{"run.start_from": str(path)})
+    run = Run.open(cfg)
+    run.log.close()
+    assert (run.phase, run.epoch) == ("stem", 0) and run.extra["started_from"] == f"{path} (initial weights)"
+    want = reference_stem_net(cfg, state).state_dict()
+    got = run.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_run_from_a_state_dict_file_trains_all_four_steps(whole, tmp_path):
+    path = tmp_path / "tv.pth"
+    torch.save(tv_state(), path)
+    summary = run_steps(tiny_cfg(tmp_path / "out", **{"run.start_from": str(path)}))
+    assert summary["epochs"] == 4
+    _, rows = final(tmp_path / "out")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["train_loss"] != whole[1][0]["train_loss"]  # it did start elsewhere
+
+
+def test_state_dict_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
+    def open_with(state_or_bytes, **over):
+        path = tmp_path / "w.pth"
+        if isinstance(state_or_bytes, bytes):
+            path.write_bytes(state_or_bytes)
+        else:
+            torch.save(state_or_bytes, path)
+        return Run.open(tiny_cfg(tmp_path / "out", **{"run.start_from": str(path), **over}))
+
+    state = tv_state()
+    missing = {k: v for k, v in state.items() if k != "layer1.0.conv1.weight"}
+    for content, why in ((missing, r"w\.pth: does not fit ResNet's layout: keys 1 missing \(layer1\.0\.conv1\.weight\)"),
+                         (b"garbage", r"w\.pth: unreadable as a state dict"),
+                         (tv_state(num_classes=1000), r"w\.pth: its classifier has another number of classes \(fc\.weight is \(1000, 64\), the "
+                                                      r"model's \(10, 64\)\); set run\.start_from_skip_classifier=true")):
+        with pytest.raises(RecipeError, match=r"^run\.start_from: \S+" + why) as err:
+            open_with(content)
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+    imagenet = tv_state(num_classes=1000)
+    run = open_with(imagenet, **{"run.start_from_skip_classifier": True})
+    run.log.close()
+    fresh = Run.open(tiny_cfg(tmp_path / "fresh"))
+    fresh.log.close()
+    assert torch.equal(run.model.stem[0].weight, imagenet["conv1.weight"])
+    assert torch.equal(run.model.head[2].weight, fresh.model.head[2].weight)  # the classifier starts afresh

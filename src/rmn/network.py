@@ -47,7 +47,7 @@ class RoutedNetwork(nn.Module):
         self.stage_channels = list(stage_channels or [])
         self.out_channels = list(out_channels or [])
         self.last_routes: torch.Tensor | None = None
-        # name of each parameter here -> name of the parameter it was cloned from in the source.
+        # name of each parameter here -> name of the parameter it was cloned from (or is) in the source.
         self.clone_sources: dict[str, str] = {}
         self.auto_update = True
 
@@ -114,12 +114,16 @@ class RoutedNetwork(nn.Module):
                 raise ValueError("the backbone declares no in_channels: pass example_input")
             in_channels = example_input.shape[1]
 
+        source_name = {id(p): n for n, p in backbone.named_parameters()}  # the source's own names, whatever its layout
         stages, sources = [], {}
         for i, src_stage in enumerate(backbone.stages):
             stage, relative = build_stage(src_stage, num_procedures, i in routed, kind, stage_channels[i], out_channels[i],
                                           attention_reduction, "random", memory_momentum, memory_options, name=str(i))
             stages.append(stage)
-            sources.update({f"stages.{i}.{k}": f"stages.{i}.{v}" for k, v in relative.items()})
+            for k, v in relative.items():  # the stage view's names -> the source's own (layer1.0.conv1.weight)
+                src = source_name.get(id(src_stage.get_parameter(v)))
+                if src is not None:
+                    sources[f"stages.{i}.{k}"] = src
         net = cls(
             backbone.stem,
             stages,
@@ -129,6 +133,9 @@ class RoutedNetwork(nn.Module):
             stage_channels=stage_channels,
             out_channels=out_channels,
         )
+        for name, param in net.named_parameters():  # shared with the source (stem, head, attention)
+            if name not in sources and id(param) in source_name:
+                sources[name] = source_name[id(param)]
         net.clone_sources = sources
         if hasattr(backbone, "info"):
             net.info = backbone.info

@@ -1,8 +1,12 @@
-"""The three-phase interface every routable CNN exposes: ``stem`` -> ``stages`` -> ``head``.
+"""What a routable CNN declares, and the three-phase layout ``stem`` -> ``stages`` -> ``head``.
 
 The paper sees a CNN as a stem ``P0`` (shared), feature-processing stages ``P1..PS`` split at the
-down-sampling operations (routed), and a classifier (shared). Any ``nn.Module`` with these three
-attributes can be turned into a Routing-by-Memory Network; :class:`Backbone` is the plain container.
+down-sampling operations (routed), and a classifier (shared).
+
+* :class:`NamedBackbone` is the base of rmn's own CNNs: they keep the reference implementation's
+  module names (torchvision's), so its state dicts load with ``strict=True``, and name their routed
+  stages in ``stage_names``.
+* :class:`Backbone` is a plain container for a user's CNN given as the three phases.
 """
 from __future__ import annotations
 
@@ -64,6 +68,94 @@ class Backbone(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.head(x)
+
+
+class NamedBackbone(nn.Module):
+    """A CNN in its reference implementation's module layout that names its routed stages.
+
+    Subclasses build their modules under torchvision's names, run torchvision's ``forward``, and
+    declare (through :meth:`_declare`):
+
+    * ``stage_names``: each routed stage as one submodule's dotted name (``"layer1"``) or a list of
+      names run in sequence (``["features.4", "features.5"]``), in forward order;
+    * ``stage_channels[i]`` / ``out_channels[i]``: channels of the input / output of stage ``i``;
+    * ``in_channels``, ``min_image_size`` (smallest input side accepted) and ``info``;
+    * ``classifier_name``: the layer that produces the logits (its shape depends on ``num_classes``).
+
+    ``stem``, ``stages`` and ``head`` are the three-phase layout :class:`rmn.RoutedNetwork` reads:
+    views built on every access over the same modules (``stem`` = what runs before the first stage,
+    ``head`` = what runs after the last). They are never registered, so neither ``state_dict()`` nor
+    ``named_modules()`` lists a module twice. Each stage view is the named module itself, or an
+    ``nn.Sequential`` of a group's modules.
+    """
+
+    stage_names: list[str | list[str]]
+    classifier_name: str
+
+    def _declare(
+        self,
+        stage_names: list[str | list[str]],
+        stage_channels: list[int],
+        out_channels: list[int],
+        in_channels: int,
+        min_image_size: int,
+        classifier_name: str,
+        info: BackboneInfo | None = None,
+    ) -> None:
+        if not (len(stage_names) == len(stage_channels) == len(out_channels)):
+            raise ValueError("stage_names, stage_channels and out_channels must have the same length")
+        self.stage_names = [n if isinstance(n, str) else list(n) for n in stage_names]
+        self.stage_channels = list(stage_channels)
+        self.out_channels = list(out_channels)
+        self.in_channels = in_channels
+        self.min_image_size = min_image_size
+        self.classifier_name = classifier_name
+        self.info = info
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Reject inputs the architecture cannot take, with a message that says why."""
+        check_image_input(x, self.in_channels, self.min_image_size)
+
+    def _stem_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _head_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _view(self, names: str | list[str]) -> nn.Module:
+        if isinstance(names, str):
+            return self.get_submodule(names)
+        return nn.Sequential(*(self.get_submodule(n) for n in names))
+
+    @property
+    def stem(self) -> nn.Sequential:
+        """Bridge view (the layout RoutedNetwork reads): everything before the first stage."""
+        return nn.Sequential(*self._stem_modules())
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        """Bridge views (the layout RoutedNetwork reads): one module per entry of ``stage_names``."""
+        return [self._view(names) for names in self.stage_names]
+
+    @property
+    def head(self) -> nn.Sequential:
+        """Bridge view (the layout RoutedNetwork reads): everything after the last stage."""
+        return nn.Sequential(*self._head_modules())
+
+
+class FeaturesBackbone(NamedBackbone):
+    """torchvision's ``features`` -> ``avgpool`` -> flatten -> ``classifier`` layout (VGG, EfficientNet)."""
+
+    features: nn.Sequential
+    avgpool: nn.Module
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
 
 
 def check_image_input(x: torch.Tensor, in_channels: int, min_image_size: int) -> None:

@@ -1,8 +1,15 @@
-"""EfficientNet-B0 split into the three phases of a Routing-by-Memory Network.
+"""EfficientNet-B0 under torchvision's module names.
 
 At ``image_size`` >= 144 (the ``"imagenet"`` variant, see :func:`rmn.backbones.registry.image_variant`)
-the network is identical to torchvision's ``efficientnet_b0`` (5,288,548 parameters for 1000
-classes; same layers, BatchNorm settings, stochastic depth and initialisation).
+the network is torchvision's ``efficientnet_b0`` (same names, so its state dict loads with
+``strict=True``; 5,288,548 parameters for 1000 classes; same layers, BatchNorm settings, stochastic
+depth and initialisation).
+
+Modules: ``features`` = ``0`` the stem conv3x3 stride 2 (32 channels) + BN + SiLU (an
+``nn.Sequential``, as torchvision's ``Conv2dNormActivation``), ``1..7`` the MBConv groups MB1..MB7
+(each an ``nn.Sequential`` of :class:`MBConv`, whose ``block`` holds the conv-BN-act sequentials and
+the :class:`SqueezeExcitation` with ``fc1``/``fc2``, plus ``stochastic_depth``), ``8`` the final
+conv1x1 320->1280 + BN + SiLU; then ``avgpool``, flatten, ``classifier`` (Dropout, Linear).
 
 MBConv groups (expand ratio, kernel, stride, in, out, repeats)::
 
@@ -16,12 +23,10 @@ group's stride on its first block) + BN + SiLU + squeeze-excitation (squeeze wid
 stride is 1 and in == out, through row-wise stochastic depth whose probability grows linearly over the
 16 blocks from 0 to ``drop_path_rate * 15 / 16`` (torchvision's schedule; identity in eval).
 
-Phases (the paper splits at down-sampling; the grouping by resolution is our reading, the one the
-paper's parameter counts fit):
-
-* ``stem``: conv3x3 stride 2 (32 channels) + BN + SiLU;
-* ``stages``: ``{MB1}``, ``{MB2}``, ``{MB3}``, ``{MB4, MB5}``, ``{MB6, MB7, final conv1x1 320->1280 + BN + SiLU}``;
-* ``head``: global average pooling + flatten + dropout + linear.
+Routed stages (the paper splits at down-sampling; the grouping by resolution is our reading, the one
+the paper's parameter counts fit): ``{MB1}``, ``{MB2}``, ``{MB3}``, ``{MB4, MB5}``, ``{MB6, MB7, final
+conv}``, i.e. ``stage_names`` = ``[["features.1"], ["features.2"], ["features.3"], ["features.4",
+"features.5"], ["features.6", "features.7", "features.8"]]``.
 
 Small-image variant (``image_size`` <= 143: CIFAR-100, Tiny ImageNet): the first two down-samplings
 are dropped (the stem conv and the first MB2 block use stride 1).
@@ -37,10 +42,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rmn.backbones.base import Backbone
+from rmn.backbones.base import FeaturesBackbone
 from rmn.backbones.registry import check_min_image_size, check_options, image_variant, make_info, register_backbone
 
-__all__ = ["MBConv", "SqueezeExcitation", "StochasticDepth", "make_divisible", "efficientnet_b0", "B0_SETTINGS"]
+__all__ = ["EfficientNet", "MBConv", "SqueezeExcitation", "StochasticDepth", "make_divisible", "efficientnet_b0", "B0_SETTINGS"]
 
 # (expand_ratio, kernel, stride, in_channels, out_channels, num_layers) of MB1..MB7.
 B0_SETTINGS: list[tuple[int, int, int, int, int, int]] = [
@@ -53,7 +58,8 @@ B0_SETTINGS: list[tuple[int, int, int, int, int, int]] = [
     (6, 3, 1, 192, 320, 1),
 ]
 
-# Which MBConv groups (0-based) form each routed stage; the last stage also gets the final 1x1 conv.
+# Which MBConv groups (0-based, ``features.{g + 1}``) form each routed stage; the last stage also
+# gets the final 1x1 conv (``features.8``).
 B0_STAGE_GROUPS: list[list[int]] = [[0], [1], [2], [3, 4], [5, 6]]
 
 
@@ -163,6 +169,63 @@ class MBConv(nn.Module):
         return result
 
 
+class EfficientNet(FeaturesBackbone):
+    """torchvision's EfficientNet layout (``features``, ``avgpool``, ``classifier``) for B0."""
+
+    def __init__(
+        self, num_classes: int, image_size: int, in_channels: int, width_mult: float, dropout: float,
+        drop_path_rate: float,
+    ) -> None:
+        super().__init__()
+        num_classes, image_size, in_channels, width_mult = check_options(num_classes, image_size, in_channels, width_mult)
+        for option, value in (("dropout", dropout), ("drop_path_rate", drop_path_rate)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{option} must be a probability in [0, 1], got {value!r}")
+        variant = image_variant(image_size)
+        small = variant != "imagenet"
+        min_image_size = 1  # all stride-2 convs are padded
+        check_min_image_size("efficientnet_b0", image_size, variant, min_image_size)
+
+        settings = [
+            (e, k, s, make_divisible(cin * width_mult, 8), make_divisible(cout * width_mult, 8), n)
+            for e, k, s, cin, cout, n in B0_SETTINGS
+        ]
+        if small:  # drop the first two down-samplings: the stem conv and the first MB2 block
+            e, k, _, cin, cout, n = settings[1]
+            settings[1] = (e, k, 1, cin, cout, n)
+
+        layers: list[nn.Module] = [conv_bn_act(in_channels, settings[0][3], 3, stride=1 if small else 2)]
+        total_blocks = sum(n for *_, n in settings)
+        block_id = 0
+        for expand, kernel, stride, cin, cout, num_layers in settings:
+            group: list[nn.Module] = []
+            for i in range(num_layers):
+                drop_prob = drop_path_rate * float(block_id) / total_blocks
+                group.append(MBConv(cin if i == 0 else cout, cout, expand, kernel, stride if i == 0 else 1, drop_prob))
+                block_id += 1
+            layers.append(nn.Sequential(*group))
+        last_in = settings[-1][4]
+        last_channels = 4 * last_in
+        layers.append(conv_bn_act(last_in, last_channels, 1))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(last_channels, num_classes))
+
+        stage_names = [[f"features.{g + 1}" for g in groups] for groups in B0_STAGE_GROUPS]
+        stage_names[-1].append(f"features.{len(layers) - 1}")
+        stage_channels = [settings[groups[0]][3] for groups in B0_STAGE_GROUPS]
+        out_channels = [settings[groups[-1]][4] for groups in B0_STAGE_GROUPS[:-1]] + [last_channels]
+        self._declare(stage_names, stage_channels, out_channels, in_channels, min_image_size, "classifier.1",
+                      make_info("efficientnet_b0", num_classes, image_size, in_channels, width_mult))
+        _init_weights(self)
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return list(self.features[0])
+
+    def _head_modules(self) -> list[nn.Module]:
+        return [self.avgpool, nn.Flatten(1), *self.classifier]
+
+
 @register_backbone("efficientnet_b0")
 def efficientnet_b0(
     num_classes: int = 1000,
@@ -171,73 +234,9 @@ def efficientnet_b0(
     width_mult: float = 1.0,
     dropout: float = 0.2,
     drop_path_rate: float = 0.2,
-) -> Backbone:
+) -> EfficientNet:
     """EfficientNet-B0. ``dropout``: before the classifier; ``drop_path_rate``: stochastic depth."""
-    num_classes, image_size, in_channels, width_mult = check_options(num_classes, image_size, in_channels, width_mult)
-    for option, value in (("dropout", dropout), ("drop_path_rate", drop_path_rate)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{option} must be a probability in [0, 1], got {value!r}")
-    variant = image_variant(image_size)
-    small = variant != "imagenet"
-    min_image_size = 1  # all stride-2 convs are padded
-    check_min_image_size("efficientnet_b0", image_size, variant, min_image_size)
-
-    settings = [
-        (e, k, s, make_divisible(cin * width_mult, 8), make_divisible(cout * width_mult, 8), n)
-        for e, k, s, cin, cout, n in B0_SETTINGS
-    ]
-    if small:  # drop the first two down-samplings: the stem conv and the first MB2 block
-        e, k, _, cin, cout, n = settings[1]
-        settings[1] = (e, k, 1, cin, cout, n)
-
-    stem_channels = settings[0][3]
-    stem = conv_bn_act(in_channels, stem_channels, 3, stride=1 if small else 2)
-
-    total_blocks = sum(n for *_, n in settings)
-    block_id = 0
-    groups: list[list[MBConv]] = []
-    for expand, kernel, stride, cin, cout, num_layers in settings:
-        group: list[MBConv] = []
-        for i in range(num_layers):
-            drop_prob = drop_path_rate * float(block_id) / total_blocks
-            group.append(MBConv(cin if i == 0 else cout, cout, expand, kernel, stride if i == 0 else 1, drop_prob))
-            block_id += 1
-        groups.append(group)
-
-    last_in = settings[-1][4]
-    last_channels = 4 * last_in
-    stages: list[nn.Module] = []
-    stage_channels: list[int] = []
-    out_channels: list[int] = []
-    for s, group_ids in enumerate(B0_STAGE_GROUPS):
-        blocks: list[nn.Module] = [nn.Sequential(*groups[g]) for g in group_ids]
-        stage_channels.append(settings[group_ids[0]][3])
-        if s == len(B0_STAGE_GROUPS) - 1:
-            blocks.append(conv_bn_act(last_in, last_channels, 1))
-            out_channels.append(last_channels)
-        else:
-            out_channels.append(settings[group_ids[-1]][4])
-        stages.append(nn.Sequential(*blocks))
-
-    head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(1),
-        nn.Dropout(p=dropout, inplace=True),
-        nn.Linear(last_channels, num_classes),
-    )
-
-    model = Backbone(
-        stem=stem,
-        stages=stages,
-        head=head,
-        stage_channels=stage_channels,
-        out_channels=out_channels,
-        in_channels=in_channels,
-        min_image_size=min_image_size,
-        info=make_info("efficientnet_b0", num_classes, image_size, in_channels, width_mult),
-    )
-    _init_weights(model)
-    return model
+    return EfficientNet(num_classes, image_size, in_channels, width_mult, dropout, drop_path_rate)
 
 
 def _init_weights(model: nn.Module) -> None:

@@ -1,7 +1,9 @@
 """Name -> builder registry for the backbones, plus the shared option checks.
 
-``create_backbone("resnet18", num_classes=200, image_size=64)`` builds a :class:`Backbone`.
-Every builder takes ``(num_classes, image_size, in_channels, width_mult, **options)``.
+``create_backbone("resnet18", num_classes=200, image_size=64)`` builds the registered model.
+A builder is any callable returning an ``nn.Module`` (timm's ``@register_model`` style): it gets
+each of ``num_classes``, ``image_size``, ``in_channels`` and ``width_mult`` that it names in its
+signature (all four when it takes ``**kwargs``), plus the caller's backbone-specific options.
 
 Image-size variants (:func:`image_variant`): the paper trains at three input sizes and changes the
 architecture with them. A requested ``image_size`` is mapped onto the nearest of 32, 64 and 224:
@@ -26,9 +28,11 @@ import math
 import numbers
 from typing import Any, Callable
 
-from rmn.backbones.base import Backbone, BackboneInfo
+from torch import nn
 
-BackboneBuilder = Callable[..., Backbone]
+from rmn.backbones.base import BackboneInfo
+
+BackboneBuilder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, BackboneBuilder] = {}
 
@@ -40,7 +44,7 @@ _TINY_MAX = 143
 
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    """Decorator: register ``builder(num_classes, image_size, in_channels, width_mult, **options)``."""
+    """Decorator: register ``builder(**options) -> nn.Module`` under ``name`` (case-insensitive)."""
     if not isinstance(name, str) or not name:
         raise ValueError("backbone name must be a non-empty string")
     key = name.lower()
@@ -132,11 +136,12 @@ def create_backbone(
     in_channels: int = 3,
     width_mult: float = 1.0,
     **kwargs: Any,
-) -> Backbone:
-    """Build the registered backbone ``name`` (see :func:`list_backbones`).
+) -> nn.Module:
+    """Build the registered backbone ``name`` (see :func:`list_backbones`) and set its ``info``.
 
     ``kwargs`` are backbone-specific options (e.g. ``zero_init_residual`` for ResNet,
-    ``dropout`` for VGG / EfficientNet, ``drop_path_rate`` for EfficientNet).
+    ``dropout`` for VGG / EfficientNet, ``drop_path_rate`` for EfficientNet). The common options
+    are checked here and passed to the builder where its signature takes them.
     """
     _load_builtins()
     key = name.lower() if isinstance(name, str) else None
@@ -146,9 +151,10 @@ def create_backbone(
     num_classes, image_size, in_channels, width_mult = check_options(
         num_classes, image_size, in_channels, width_mult
     )
+    common = {"num_classes": num_classes, "image_size": image_size, "in_channels": in_channels, "width_mult": width_mult}
     params = inspect.signature(builder).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        common = {"num_classes", "image_size", "in_channels", "width_mult"}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_any:
         allowed = sorted(n for n in params if n not in common)
         for option in kwargs:
             if option not in params or option in common:
@@ -156,14 +162,9 @@ def create_backbone(
                     f"unknown option {option!r} for backbone '{key}'; valid options: "
                     f"{', '.join(allowed) if allowed else '(none)'}"
                 )
-    model = builder(
-        num_classes=num_classes,
-        image_size=image_size,
-        in_channels=in_channels,
-        width_mult=width_mult,
-        **kwargs,
-    )
-    if not isinstance(model, Backbone):
-        raise TypeError(f"builder for '{key}' returned {type(model).__name__}, not a Backbone")
+    passed = {k: v for k, v in common.items() if takes_any or k in params}
+    model = builder(**passed, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"builder for '{key}' returned {type(model).__name__}, not an nn.Module")
     model.info = make_info(key, num_classes, image_size, in_channels, width_mult)
     return model

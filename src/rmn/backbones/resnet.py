@@ -1,19 +1,19 @@
-"""ResNet-18 / ResNet-50 split into the three phases of a Routing-by-Memory Network.
+"""ResNet-18 / ResNet-50 under torchvision's module names.
 
 At ``image_size`` >= 144 (the ``"imagenet"`` variant, see :func:`rmn.backbones.registry.image_variant`)
-the network is identical to torchvision's ``resnet18`` / ``resnet50`` (same layers, parameter
-count, multiply-adds and initialisation): Bottleneck is ResNet v1.5 (stride on the 3x3 conv).
+the network is torchvision's ``resnet18`` / ``resnet50``: same modules under the same names (a
+torchvision state dict loads with ``strict=True``), same forward, parameter count, multiply-adds and
+initialisation. Bottleneck is ResNet v1.5 (stride on the 3x3 conv).
 
-Phases:
-
-* ``stem``: conv7x7 (stride 2, no bias) + BN + ReLU + max-pool 3x3 stride 2;
-* ``stages``: ``layer1 .. layer4`` (each an ``nn.Sequential`` of residual blocks), all routed;
-* ``head``: global average pooling + flatten + linear classifier.
+Modules, in forward order: ``conv1`` (7x7, stride 2, no bias), ``bn1``, ``relu``, ``maxpool``
+(3x3 stride 2), ``layer1 .. layer4`` (each an ``nn.Sequential`` of residual blocks with ``conv1 bn1
+conv2 bn2 [conv3 bn3] downsample``), ``avgpool``, flatten, ``fc``. The routed stages are
+``layer1 .. layer4`` (``stage_names``).
 
 Small-image variant (``image_size`` <= 143: CIFAR-100 at 32x32, Tiny ImageNet at 64x64): the first
-two down-samplings are dropped, as in the paper. The stem conv keeps its 7x7 kernel and padding 3 but
-uses stride 1, and there is no max-pool (ResNet-18 at 64x64 then costs 2.25 G multiply-adds, the
-paper's figure).
+two down-samplings are dropped, as in the paper. ``conv1`` keeps its 7x7 kernel and padding 3 but
+uses stride 1, and ``maxpool`` is an ``nn.Identity`` (same names and parameters; ResNet-18 at 64x64
+then costs 2.25 G multiply-adds, the paper's figure).
 
 ``width_mult`` scales every channel count: ``c -> max(1, int(round(c * width_mult)))``.
 Every stride-2 layer pads enough to give at least one output pixel, so any input side >= 1 is accepted
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from typing import Type, Union
 
+import torch
 from torch import Tensor, nn
 
-from rmn.backbones.base import Backbone
+from rmn.backbones.base import NamedBackbone
 from rmn.backbones.registry import check_min_image_size, check_options, image_variant, make_info, register_backbone
 
-__all__ = ["BasicBlock", "Bottleneck", "build_resnet", "resnet18", "resnet50"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
 
 
 def _scale(channels: int, width_mult: float) -> int:
@@ -108,59 +109,62 @@ def _make_layer(block: Block, inplanes: int, planes: int, blocks: int, stride: i
     return nn.Sequential(*layers)
 
 
-def build_resnet(
-    name: str,
-    block: Block,
-    layers: list[int],
-    num_classes: int,
-    image_size: int,
-    in_channels: int,
-    width_mult: float,
-    zero_init_residual: bool = False,
-) -> Backbone:
-    """Build a ResNet ``Backbone``; ``layers`` gives the number of blocks of ``layer1..layer4``."""
-    num_classes, image_size, in_channels, width_mult = check_options(num_classes, image_size, in_channels, width_mult)
-    variant = image_variant(image_size)
-    small = variant != "imagenet"
-    min_image_size = 1  # every stride-2 conv / pool is padded: a 1x1 input still gives 1x1 maps
-    check_min_image_size(name, image_size, variant, min_image_size)
+class ResNet(NamedBackbone):
+    """torchvision's ResNet layout; ``layers`` gives the number of blocks of ``layer1..layer4``."""
 
-    stem_width = _scale(64, width_mult)
-    stem_layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=1 if small else 2, padding=3, bias=False),
-        nn.BatchNorm2d(stem_width),
-        nn.ReLU(inplace=True),
-    ]
-    if not small:
-        stem_layers.append(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
-    stem = nn.Sequential(*stem_layers)
+    def __init__(
+        self,
+        name: str,
+        block: Block,
+        layers: list[int],
+        num_classes: int,
+        image_size: int,
+        in_channels: int,
+        width_mult: float,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        num_classes, image_size, in_channels, width_mult = check_options(num_classes, image_size, in_channels, width_mult)
+        variant = image_variant(image_size)
+        small = variant != "imagenet"
+        min_image_size = 1  # every stride-2 conv / pool is padded: a 1x1 input still gives 1x1 maps
+        check_min_image_size(name, image_size, variant, min_image_size)
 
-    stages: list[nn.Module] = []
-    stage_channels: list[int] = []
-    out_channels: list[int] = []
-    inplanes = stem_width
-    for i, blocks in enumerate(layers):
-        planes = _scale(64 * 2**i, width_mult)
-        stage = _make_layer(block, inplanes, planes, blocks, stride=1 if i == 0 else 2)
-        stages.append(stage)
-        stage_channels.append(inplanes)
-        inplanes = planes * block.expansion
-        out_channels.append(inplanes)
+        stem_width = _scale(64, width_mult)
+        self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=1 if small else 2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(inplanes, num_classes))
+        stage_channels: list[int] = []
+        out_channels: list[int] = []
+        inplanes = stem_width
+        for i, blocks in enumerate(layers):
+            planes = _scale(64 * 2**i, width_mult)
+            self.add_module(f"layer{i + 1}", _make_layer(block, inplanes, planes, blocks, stride=1 if i == 0 else 2))
+            stage_channels.append(inplanes)
+            inplanes = planes * block.expansion
+            out_channels.append(inplanes)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(inplanes, num_classes)
 
-    model = Backbone(
-        stem=stem,
-        stages=stages,
-        head=head,
-        stage_channels=stage_channels,
-        out_channels=out_channels,
-        in_channels=in_channels,
-        min_image_size=min_image_size,
-        info=make_info(name, num_classes, image_size, in_channels, width_mult),
-    )
-    _init_weights(model, zero_init_residual)
-    return model
+        self._declare([f"layer{i + 1}" for i in range(len(layers))], stage_channels, out_channels, in_channels,
+                      min_image_size, "fc", make_info(name, num_classes, image_size, in_channels, width_mult))
+        _init_weights(self, zero_init_residual)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def _stem_modules(self) -> list[nn.Module]:
+        return [self.conv1, self.bn1, self.relu, self.maxpool]
+
+    def _head_modules(self) -> list[nn.Module]:
+        return [self.avgpool, nn.Flatten(1), self.fc]
 
 
 def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
@@ -186,11 +190,10 @@ def resnet18(
     in_channels: int = 3,
     width_mult: float = 1.0,
     zero_init_residual: bool = False,
-) -> Backbone:
+) -> ResNet:
     """ResNet-18 (torchvision-identical at ImageNet size: 11,689,512 parameters for 1000 classes)."""
-    return build_resnet("resnet18", BasicBlock, [2, 2, 2, 2], num_classes, image_size, in_channels, width_mult,
-                        zero_init_residual)
-
+    return ResNet("resnet18", BasicBlock, [2, 2, 2, 2], num_classes, image_size, in_channels, width_mult,
+                  zero_init_residual)
 
 
 @register_backbone("resnet50")
@@ -200,8 +203,8 @@ def resnet50(
     in_channels: int = 3,
     width_mult: float = 1.0,
     zero_init_residual: bool = False,
-) -> Backbone:
+) -> ResNet:
     """ResNet-50 v1.5 (torchvision-identical at ImageNet size: 25,557,032 parameters for 1000 classes)."""
-    return build_resnet("resnet50", Bottleneck, [3, 4, 6, 3], num_classes, image_size, in_channels, width_mult,
-                        zero_init_residual)
+    return ResNet("resnet50", Bottleneck, [3, 4, 6, 3], num_classes, image_size, in_channels, width_mult,
+                  zero_init_residual)
 

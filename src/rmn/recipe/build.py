@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import data as rdata
-from ..backbones import create_backbone
+from ..backbones import create_backbone, load_weights
 from ..network import RoutedNetwork
 from .checkpoint import Checkpoint, CheckpointError, load_model_state
 from .config import Config
@@ -77,9 +77,14 @@ def attention_option(cfg: Config):
     return None if cfg.model.attention == "none" else cfg.model.attention
 
 
-def build_stem_network(cfg: Config, data_spec, image_size: int) -> RoutedNetwork:
-    """The plain network of recipe step 1 (and of the baseline): no stage routed yet."""
+def build_stem_network(cfg: Config, data_spec, image_size: int, initial: dict | None = None) -> RoutedNetwork:
+    """The plain network of recipe step 1 (and of the baseline): no stage routed yet. ``initial``: a
+    torchvision-layout state dict loaded into the backbone first (``run.start_from``, a WeightsError
+    when it does not fit; ``run.start_from_skip_classifier`` keeps the classifier fresh)."""
     backbone = build_backbone(cfg, data_spec, image_size)
+    if initial is not None:
+        load_weights(backbone, initial, cfg.run.start_from_skip_classifier, source=cfg.run.start_from,
+                     skip_option="run.start_from_skip_classifier=true")
     return RoutedNetwork.from_backbone(backbone, cfg.model.num_procedures, attention_option(cfg), routed_stages=(),
                                        attention_reduction=cfg.model.attention_reduction)
 

@@ -212,6 +212,16 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def is_plain_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a readable safetensors file *without* rmn's metadata: a plain state dict, not
+    an rmn checkpoint (a damaged file is neither; :func:`load_checkpoint` says what is wrong with it)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return "rmn" not in (f.metadata() or {})
+    except Exception:  # missing, cut short, not safetensors
+        return False
+
+
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
     meta = read_meta(path)

@@ -111,7 +111,11 @@ class RunConfig:
     atlas: bool = True  # `rmn run`, after an RMN run: each memory's nearest evaluation images (<output>/atlas)
     # Step 1 done elsewhere: a run folder or checkpoint file of the same plain network (a baseline or
     # a stem run, at or before schedule.stem_epochs); a fresh run continues from it instead of epoch 0.
+    # Or initial weights: a torchvision/timm-layout state-dict file (.pth, .pt, .bin, .safetensors) loaded
+    # strictly into the backbone before step 1 (rmn.backbones.load_weights).
     start_from: Optional[str] = None
+    # With a state-dict file: leave the classifier freshly initialised (another number of classes).
+    start_from_skip_classifier: bool = False
 
 
 @dataclass

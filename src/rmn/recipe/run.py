@@ -13,12 +13,13 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..backbones.weights import STATE_DICT_SUFFIXES, WeightsError, read_state_dict
 from ..precision import FLOAT32, Precision, compile_parts
 from ..route import routed_stages
 from ..syncbn import convert_sync_batchnorm
 from . import build
-from .checkpoint import (Checkpoint, CheckpointError, checkpoint_config, describe_skipped, latest_checkpoint,
-                         load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
+from .checkpoint import (Checkpoint, CheckpointError, checkpoint_config, describe_skipped, is_plain_safetensors,
+                         latest_checkpoint, load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
 from .config import Config, ConfigError, ScheduleConfig
 from .logs import RunLog, tensorboard_writer
 from .schedule import lr_at
@@ -83,9 +84,12 @@ class Run:
         _check_output(out)
         ckpt, skipped = newest_checkpoint(out / "checkpoints", device)
         _check_found(out, ckpt, skipped, resume)
+        initial = None  # a state-dict file's tensors, loaded into the fresh backbone below
         if ckpt is None and cfg.run.start_from:
-            is_baseline = baseline if baseline is not None else cfg.run.mode == "baseline"
-            return cls._started_from(cfg, out, device, _plain_checkpoint(cfg, device), "baseline" if is_baseline else "stem")
+            initial = _start_weights(cfg)
+            if initial is None:
+                is_baseline = baseline if baseline is not None else cfg.run.mode == "baseline"
+                return cls._started_from(cfg, out, device, _plain_checkpoint(cfg, device), "baseline" if is_baseline else "stem")
         old_schedule = None
         if ckpt is not None:
             saved = checkpoint_config(ckpt)
@@ -97,9 +101,13 @@ class Run:
         if ckpt is None:
             torch.manual_seed(cfg.run.seed)
             phase = "baseline" if (baseline if baseline is not None else cfg.run.mode == "baseline") else "stem"
-            model = build.build_stem_network(cfg, data.spec, data.image_size).to(device)
+            try:
+                model = build.build_stem_network(cfg, data.spec, data.image_size, initial).to(device)
+            except WeightsError as e:
+                raise RecipeError(f"run.start_from: {e}") from None
             _check_routed_stages(cfg, model)
-            return cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase)._ready()
+            extra = {"started_from": f"{cfg.run.start_from} (initial weights)"} if initial is not None else {}
+            return cls(cfg, out, device, data, model, build.build_optimizer(cfg, model), phase, extra=extra)._ready()
         m = ckpt.meta
         run = cls(cfg, out, device, data, *_restore(cfg, data, ckpt, m["phase"], device), m["phase"],
                   m["epoch"], m["step"], m["seq"], m.get("extra", {}))
@@ -278,6 +286,18 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
 ROUTING_ONLY = {("model", k) for k in ("routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps",
                                        "memory_smoothing", "revive_after", "revive_threshold", "revive_reclone",
                                        "match_batchnorm")} | {("optim", "procedure_grad_scale")}
+
+
+def _start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """``run.start_from``'s tensors when it is a plain state-dict file (torchvision/timm layout: .pth, .pt,
+    .bin, or .safetensors without rmn's checkpoint metadata); None when it names an rmn run or checkpoint."""
+    src = Path(cfg.run.start_from)
+    if src.suffix not in STATE_DICT_SUFFIXES or (src.suffix == ".safetensors" and not is_plain_safetensors(src)):
+        return None
+    try:
+        return read_state_dict(src)
+    except WeightsError as e:
+        raise RecipeError(f"run.start_from: {e}") from None
 
 
 def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
