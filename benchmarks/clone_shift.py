@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from rmn.bn_match import match_batchnorm  # noqa: E402
 from rmn.recipe.config import from_dict  # noqa: E402
 from rmn.recipe.checkpoint import latest_checkpoint  # noqa: E402
-from rmn.recipe.steps import Run, clone, init_memory  # noqa: E402
+from rmn.recipe.run import Run  # noqa: E402
+from rmn.recipe.steps import clone, init_memory  # noqa: E402
 from rmn.route import memory_banks
 
 

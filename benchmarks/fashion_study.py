@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rmn.recipe import load_config  # noqa: E402
-from rmn.recipe.steps import Run, train_stem  # noqa: E402
+from rmn.recipe.run import Run  # noqa: E402
+from rmn.recipe.steps import train_stem  # noqa: E402
 from study_runs import ensure_data, epoch_log, train_and_record  # noqa: E402,F401  (epoch_log: tests use it here)
 REPRODUCTION = {
     "baseline": ("baseline (batch 256)", {"run.mode": "baseline", "data.batch_size": 256}),

@@ -44,6 +44,7 @@ from rmn.data.base import InMemoryDataset  # noqa: E402
 from rmn.features import stage_inputs  # noqa: E402
 from rmn.kmeans import kmeans  # noqa: E402
 from rmn.recipe import build, steps  # noqa: E402
+from rmn.recipe.run import Run  # noqa: E402
 from rmn.recipe.config import load_config  # noqa: E402
 from rmn.route import memory_banks  # noqa: E402
 
@@ -109,7 +110,7 @@ def check_recipe(cfg, stem, data_set, batch: int) -> dict:
     spec = data_set.spec
     data = build.Data(spec, data_set, data_set, spec.image_size)
     with tempfile.TemporaryDirectory() as tmp:
-        run = steps.Run(cfg, Path(tmp), torch.device("cpu"), data, routed, None, "cloned", loaders=(None, None, loader))
+        run = Run(cfg, Path(tmp), torch.device("cpu"), data, routed, None, "cloned", loaders=(None, None, loader))
         run.save = lambda: None  # the checkpoint write is not part of the bound
         t0 = time.perf_counter()
         steps.init_memory(run)

@@ -1,19 +1,20 @@
-import argparse
 import json
 import statistics
+from pathlib import Path
 
 import torch
 
-from rmn.analysis import cli
 from rmn.analysis.calibrate import _counts_from_shares, memories_for_shares
 from rmn.analysis.latency import format_latency, interleaved_times, run_latency
+from rmn.analysis.cost import summary_from_spec
+from rmn.cli import build_parser, main
 from rmn.route import memory_banks
 
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
-def _parser(**kw):
-    p = argparse.ArgumentParser(prog="rmn")
-    cli.register(p.add_subparsers(dest="command", required=True), **kw)
-    return p
+
+def _parser():
+    return build_parser()
 
 
 def test_summary_command_in_process(tmp_path, capsys):
@@ -28,13 +29,14 @@ def test_summary_command_in_process(tmp_path, capsys):
     assert (tmp_path / "t.csv").read_text().count("\n") == 4
 
 
-def test_summary_from_spec_and_loader_hook(capsys):
+def test_summary_from_spec_and_from_a_config(capsys):
     spec = {"name": "resnet18", "num_classes": 10, "image_size": 32, "width_mult": 0.25, "num_procedures": 2}
-    rows = cli.summary_from_spec(spec)
+    rows = summary_from_spec(spec)
     assert rows[1]["num_procedures"] == 2
-    args = _parser(load_spec=lambda path: dict(spec, source=path)).parse_args(["summary", "cfg.yaml", "--procedures", "3"])
-    assert args.func(args) == 0
-    assert "(N=3)" in capsys.readouterr().out  # flags override the file
+    assert main(["summary", str(DEMO), "--procedures", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18: 10 classes, 16x16x1, width x0.25, N = 3" in out  # the file's model, the flag's N
+    assert "(N=3)" in out
 
 
 def test_bench_and_atlas_subcommands_parse():

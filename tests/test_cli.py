@@ -188,6 +188,17 @@ def test_step_commands_and_summary_on_a_mode_both_folder(both_run, capsys):
     assert "N = 3" in capsys.readouterr().out
 
 
+def test_run_draws_the_atlas_of_its_rmn_after_training_and_keeps_it_on_resume(config_file, both_run, capsys):
+    out, printed = both_run
+    html = out / "rmn" / "atlas" / "atlas.html"
+    assert html.is_file() and not (out / "baseline" / "atlas").exists()  # only the routed run has memories
+    assert f"wrote {html}" in printed and printed.index("wrote") > printed.index("== rmn")
+    drawn = html.stat().st_mtime_ns
+    assert main(["run", str(config_file), "--output", str(out), "--run.mode", "both", "--epochs", "2",
+                 "--stem-epochs", "1", "--resume"]) == 0
+    assert "atlas" not in capsys.readouterr().out and html.stat().st_mtime_ns == drawn  # a finished run's atlas stays
+
+
 def test_atlas_writes_into_the_run_and_takes_data_dir(both_run, tmp_path, monkeypatch, capsys):
     out, _ = both_run
     shutil.rmtree(out / "rmn" / "atlas", ignore_errors=True)  # drawn by the run itself; draw it again

@@ -80,7 +80,7 @@ def test_fp16_scaler_state_survives_a_resume_on_cuda(tmp_path, monkeypatch):
         run_steps(tiny_cfg(tmp_path, **over))
     monkeypatch.undo()
     saved = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1]).meta["extra"]["grad_scaler"]
-    from rmn.recipe.steps import Run
+    from rmn.recipe.run import Run
 
     run = Run.open(tiny_cfg(tmp_path, **over), resume=True)
     assert run.scaler.is_enabled() and run.scaler.state_dict() == saved

@@ -230,7 +230,7 @@ def test_channels_last_training_on_several_cpu_threads_is_refused(tmp_path):
     Precision("bf16", True, "cuda").check_training(8)
     with pytest.raises(ValueError, match="run.threads 1"):
         Precision("bf16", True, "cpu").check_training(2)
-    from rmn.recipe.steps import RecipeError, Run
+    from rmn.recipe.run import RecipeError, Run
 
     try:
         with pytest.raises(RecipeError, match="channels_last on CPU with 2 threads"):

@@ -32,7 +32,8 @@ from torch import nn
 from rmn.backbones import Backbone, register_backbone
 from rmn.data.loader import TensorLoader
 from rmn.recipe.config import load_config
-from rmn.recipe.steps import Run, clone, init_memory, train_routed, train_stem
+from rmn.recipe.run import Run
+from rmn.recipe.steps import clone, init_memory, train_routed, train_stem
 from rmn.route import memory_banks
 
 

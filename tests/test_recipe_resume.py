@@ -18,11 +18,10 @@ import torch
 from rmn import features
 from rmn.data.loader import TensorLoader
 from rmn.recipe import checkpoint as ck
-from rmn.recipe import steps
 from rmn.recipe.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError, load_config
 from rmn.recipe.runner import run_steps
-from rmn.recipe.steps import Run
+from rmn.recipe.run import Run
 
 TIMING = ("images_per_s", "epoch_seconds")
 

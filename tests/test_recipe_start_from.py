@@ -17,7 +17,8 @@ import rmn
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError
 from rmn.recipe.runner import run_steps
-from rmn.recipe.steps import RecipeError, Run, train_stem
+from rmn.recipe.run import RecipeError, Run
+from rmn.recipe.steps import train_stem
 
 from test_recipe_resume import TIMING, tiny_cfg
 

@@ -1,5 +1,15 @@
-"""The ``rmn`` command: one subcommand per recipe step, ``run`` for all of them, ``eval``, and the
-analysis commands. It only parses and calls; the work lives in :mod:`rmn.recipe` and :mod:`rmn.analysis`."""
+"""The ``rmn`` command, every subcommand's parser and handler: one subcommand per recipe step, ``run`` for
+all of them, ``eval``, and the analysis commands. It only parses and calls; the work lives in
+:mod:`rmn.recipe` (training) and :mod:`rmn.analysis` (what is read from a trained model), and data flows one
+way: ``rmn run`` trains, then draws the memory atlas (``run.atlas``) from the run's checkpoint as ``rmn atlas``
+would.
+
+    rmn run CONFIG [--resume] [--epochs N] [--section.key VALUE ...]     (and train-stem, clone, init-memory, train-routed)
+    rmn eval CHECKPOINT_OR_RUN [--amp bfloat16] [--channels-last]
+    rmn summary [CONFIG | CHECKPOINT] [--model resnet18 --num-classes 100 --image-size 32] [--procedures 8] [--csv F] [--json F]
+    rmn bench latency|dispatch [--quick] ...
+    rmn atlas CHECKPOINT_OR_RUN [--dataset cifar100] [--data-dir data] [--out DIR] [--top-k 8] [--max-images 1024]
+"""
 from __future__ import annotations
 
 import argparse
@@ -69,11 +79,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES), help="autocast dtype (default float32)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and activations")
     p.set_defaults(func=_eval_command)
-    from .analysis.cli import register
-    from .recipe.evaluate import model_for_atlas, model_spec
-
-    register(sub, load_spec=model_spec, load_model=model_for_atlas)
+    _add_analysis_commands(sub)
     return parser
+
+
+def _add_analysis_commands(sub) -> None:
+    """``summary``, ``bench {latency,dispatch}`` and ``atlas``."""
+    p = sub.add_parser("summary", help="parameters and MACs per image: backbone vs RMN without/with CA",
+                       description="Parameters and multiply-adds per image (counted on the executed routed "
+                                   "path), in the layout of the paper's tables.")
+    p.add_argument("source", nargs="?", help="CONFIG (yaml) or CHECKPOINT to read the model from")
+    p.add_argument("--model", help="backbone name (resnet18, resnet50, vgg16, efficientnet_b0)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--in-channels", type=int)
+    p.add_argument("--width-mult", type=float)
+    p.add_argument("--procedures", type=int, help="N, procedures per routed stage (default 8)")
+    p.add_argument("--se", action="store_true", help="add the '+ SE' rows (CA without the route input)")
+    p.add_argument("--csv", help="also write the table as CSV here")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.set_defaults(func=_summary_command)
+
+    from .analysis.dispatch_bench import add_arguments as dispatch_args
+    from .analysis.latency import add_arguments as latency_args
+
+    b = sub.add_parser("bench", help="speed benchmarks (latency, dispatch overhead)")
+    bsub = b.add_subparsers(dest="bench", metavar="{latency,dispatch}")
+    bsub.required = True
+    lat = bsub.add_parser("latency", help="CPU/CUDA latency and throughput, backbone vs RMN (random weights)")
+    latency_args(lat).set_defaults(func=_latency_command)
+    dis = bsub.add_parser("dispatch", help="eval and train-step overhead of routed dispatch over the plain network")
+    dispatch_args(dis).set_defaults(func=_dispatch_command)
+
+    a = sub.add_parser("atlas", help="each memory's top-K nearest images, routing heat maps and load charts")
+    a.add_argument("checkpoint", help="a trained RMN checkpoint or run folder (a run.mode both folder: its rmn/ run)")
+    a.add_argument("--dataset", help="dataset name (default: the checkpoint's)")
+    a.add_argument("--data-dir", "--data-root", dest="data_root", metavar="DIR",
+                   help="dataset root (default: the checkpoint's, or $RMN_DATA); --data-root is the old spelling")
+    a.add_argument("--split", default="test", help="evaluation split (default: test)")
+    a.add_argument("--out", default=None, metavar="DIR", help="output folder (default: atlas/ in the checkpoint's run folder)")
+    a.add_argument("--top-k", type=int, default=8)
+    a.add_argument("--max-images", type=int, default=1024)
+    a.set_defaults(func=_atlas_command)
 
 
 def parse_overrides(args: argparse.Namespace, extra: list[str]) -> dict:
@@ -122,19 +169,27 @@ def _config_for(args, overrides):
 
 def _run_command(args, extra) -> int:
     from .recipe import steps
+    from .recipe.run import RecipeError, Run
     from .recipe.runner import run_experiment, write_summary
 
     overrides = parse_overrides(args, extra)
     cfg = _config_for(args, overrides)
     args.resolved_config = cfg  # for the interruption message
     if args.command == "run":
+        draws = cfg.run.atlas and cfg.run.mode != "baseline"
+        if draws:  # a missing extra stops the run now, not after training
+            from .analysis.atlas import require_plotting
+
+            require_plotting(instead="or set run.atlas false")
         run_experiment(cfg, resume=args.resume)
+        if draws and distributed.rank() == 0:
+            _atlas_after_run(cfg)
         return 0
     if cfg.run.mode == "both":
-        raise steps.RecipeError(f"single steps need run.mode rmn, and {args.config or 'the config'} says 'both' "
-                                "(only 'rmn run' takes it): add --run.mode rmn")
+        raise RecipeError(f"single steps need run.mode rmn, and {args.config or 'the config'} says 'both' "
+                          "(only 'rmn run' takes it): add --run.mode rmn")
     # Single steps always continue the run in the output folder when there is one.
-    run = steps.Run.open(cfg, resume=True)
+    run = Run.open(cfg, resume=True)
     step = {"train-stem": steps.train_stem, "clone": steps.clone, "init-memory": steps.init_memory,
             "train-routed": steps.train_routed}[args.command]
     step(run)
@@ -159,9 +214,7 @@ def _kept(cfg) -> str:
     return "newest complete checkpoint kept: " + ", ".join(map(str, found)) + " (continue with --resume)"
 
 
-def _eval_command(args, extra) -> int:
-    if extra:
-        raise ValueError(f"unrecognised argument {extra[0]!r}")
+def _eval_command(args) -> int:
     from .recipe.evaluate import evaluate_checkpoint, evaluation_targets, result_lines
 
     targets = evaluation_targets(args.checkpoint)
@@ -172,6 +225,92 @@ def _eval_command(args, extra) -> int:
                                      channels_last=args.channels_last)
         print("\n".join(result_lines(result)), flush=True)
     return 0
+
+
+def _atlas_after_run(cfg) -> None:
+    """``run.atlas``: the finished RMN run's memory atlas in ``<run>/atlas``, drawn from its best (else newest)
+    routed checkpoint as ``rmn atlas CHECKPOINT`` draws it, in the run's precision, with its images in
+    TensorBoard when ``run.tensorboard`` is on. An atlas newer than the run's summary is already this run's."""
+    from .precision import Precision
+    from .recipe.evaluate import atlas_checkpoint, model_for_atlas, rmn_run_of
+
+    run_dir = rmn_run_of(cfg.output_dir())
+    out, summary = run_dir / "atlas", run_dir / "summary.json"
+    if (out / "atlas.html").is_file() and summary.is_file() and (
+            (out / "atlas.html").stat().st_mtime_ns >= summary.stat().st_mtime_ns):
+        return
+    ckpt = atlas_checkpoint(run_dir, cfg.run.keep_best)
+    if ckpt is None:
+        return
+    model, info = model_for_atlas(ckpt, cfg.run.device)
+    precision = Precision(cfg.run.amp, cfg.run.channels_last, next(model.parameters()).device.type)
+    with precision.autocast():  # the features the run's own routing saw
+        _draw(precision.model(model), info, out, split="test", title=info["name"])
+    if cfg.run.progress != "none":
+        print(f"[atlas] {out / 'atlas.html'}", flush=True)
+    if cfg.run.tensorboard:
+        from .recipe.logs import images_to_tensorboard
+
+        images_to_tensorboard(run_dir, info["epoch"], sorted(out.glob("*.png")))
+
+
+def _draw(model, info: dict, out, split: str, dataset: str | None = None, data_root: str | None = None,
+          top_k: int = 8, max_images: int = 1024, title: str | None = None) -> None:
+    """The atlas of a loaded checkpoint over its evaluation data (or ``dataset`` from ``data_root``)."""
+    from .analysis.atlas import draw_atlas
+    from .data import build_dataset
+
+    name = dataset or info.get("dataset")
+    if not name:
+        raise ValueError("atlas: --dataset is needed (the checkpoint does not name one)")
+    ds = build_dataset(name, root=data_root or info.get("data_root"), split=split)
+    draw_atlas(model, ds, out, top_k, max_images, title=title)
+
+
+def _atlas_command(args) -> int:
+    from .recipe.evaluate import model_for_atlas
+
+    model, info = model_for_atlas(args.checkpoint)
+    out = args.out or (Path(info["run_dir"]) / "atlas" if info.get("run_dir") else Path("atlas"))
+    _draw(model, info, out, args.split, args.dataset, args.data_root, args.top_k, args.max_images)
+    return 0
+
+
+def _summary_command(args) -> int:
+    from .analysis.cost import SPEC_DEFAULTS, format_table, summary_from_spec, write_csv, write_json
+
+    spec = {}
+    if args.source:
+        from .recipe.evaluate import model_spec
+
+        spec.update(model_spec(args.source))
+    flags = {"name": args.model, "num_classes": args.num_classes, "image_size": args.image_size,
+             "in_channels": args.in_channels, "width_mult": args.width_mult, "num_procedures": args.procedures}
+    spec.update({k: v for k, v in flags.items() if v is not None})  # flags override the file
+    if spec.get("name") is None or spec.get("num_classes") is None:
+        raise ValueError("summary: give a CONFIG/CHECKPOINT or --model and --num-classes")
+    rows = summary_from_spec(spec, include_se=args.se)
+    s = {**SPEC_DEFAULTS, **spec}
+    print(f"{s['name']}: {s['num_classes']} classes, {s['image_size']}x{s['image_size']}x{s['in_channels']}, "
+          f"width x{s['width_mult']}, N = {s['num_procedures']}; MACs per image on the executed path")
+    print(format_table(rows))
+    if args.csv:
+        print(f"wrote {write_csv(rows, args.csv)}")
+    if args.json:
+        print(f"wrote {write_json(rows, args.json, meta={'spec': s})}")
+    return 0
+
+
+def _latency_command(args) -> int:
+    from .analysis.latency import command
+
+    return command(args)
+
+
+def _dispatch_command(args) -> int:
+    from .analysis.dispatch_bench import command
+
+    return command(args)
 
 
 def _split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -200,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     extra += dotted
     clean = False
     try:
-        if args.func not in (_run_command, _eval_command):  # the analysis commands: handler(args)
+        if args.func is _run_command:  # the training commands take --section.key VALUE overrides
+            code = _run_command(args, extra) or 0
+        else:
             if extra:
                 raise ValueError(f"unrecognised argument {extra[0]!r}")
             code = args.func(args) or 0
-        else:
-            code = args.func(args, extra) or 0
         clean = True
         return code
     except KeyboardInterrupt:

@@ -25,6 +25,9 @@ Every decision is taken on all-reduced statistics, so all ranks revive the same 
 """
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -220,3 +223,45 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def reset_load(self) -> None:
         self.load.zero_()
+
+
+def load_stats(load: torch.Tensor) -> dict[str, Any]:
+    """Statistics of one stage's load vector ``[N]`` (samples per memory, e.g. ``MemoryBank.load``), as the
+    training log reports them: ``share`` (``n_j / T``), ``entropy`` (``H(share) / log N``: 1 = balanced),
+    ``dead`` (memories without a sample), ``max_over_mean``, ``max_over_min`` (None when one is empty);
+    an empty load (``T = 0``) gives zero shares and entropy, all memories dead."""
+    load = torch.as_tensor(load).detach().cpu().to(torch.float64).flatten()
+    n = load.numel()
+    if n == 0:
+        raise ValueError("load vector is empty")
+    if bool((load < 0).any()):
+        raise ValueError("load counts must be >= 0")
+    total = float(load.sum())
+    dead = int((load == 0).sum())
+    if total == 0:
+        return {
+            "num_memories": n,
+            "total": 0,
+            "load": [0] * n,
+            "share": [0.0] * n,
+            "entropy": 0.0,
+            "dead": n,
+            "max_over_mean": 0.0,
+            "max_over_min": None,
+        }
+    share = load / total
+    nz = share[share > 0]
+    h = float(-(nz * nz.log()).sum())
+    entropy = 1.0 if n == 1 else min(1.0, max(0.0, h / math.log(n)))
+    mx = float(load.max())
+    mn = float(load.min())
+    return {
+        "num_memories": n,
+        "total": int(round(total)),
+        "load": [int(round(v)) for v in load.tolist()],
+        "share": share.tolist(),
+        "entropy": entropy,
+        "dead": dead,
+        "max_over_mean": mx / (total / n),
+        "max_over_min": (mx / mn) if mn > 0 else None,
+    }

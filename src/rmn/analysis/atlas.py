@@ -317,3 +317,23 @@ def atlas_inputs(dataset, max_images: int = 1024, image_size: int | None = None,
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
     display = (images * std + mean).clamp(0, 1)
     return images, display, labels, list(getattr(dataset, "classes", [])) or None
+
+
+def draw_atlas(model, dataset, out_dir: str | Path = "atlas", top_k: int = 8, max_images: int = 1024,
+               image_size: int | None = None, title: str | None = None) -> dict[str, Any]:
+    """The memory atlas of a routed ``model`` over ``dataset`` (from ``rmn.data.build_dataset``), as ``rmn atlas``
+    draws it; prints where it went.
+
+    ``image_size``: the side the model takes, when it differs from the dataset's (default: the
+    model's ``info.image_size`` if it has one). Returns the written paths (see :func:`memory_atlas`).
+    """
+    if image_size is None:
+        info = getattr(model, "info", None)
+        size = getattr(info, "image_size", None)
+        image_size = size if size and size != dataset.spec.image_size else None
+    images, display, labels, names = atlas_inputs(dataset, max_images=max_images, image_size=image_size)
+    title = title or f"RMN memory atlas ({dataset.spec.name}, {images.shape[0]} images)"
+    written = memory_atlas(model, images, display, labels, names, top_k=top_k, out_dir=out_dir, title=title)
+    print(f"wrote {written['html']} ({len(written['grids'])} stage grids, load chart, "
+          f"{len(written['heatmaps'])} heat maps)")
+    return written

@@ -1,10 +1,7 @@
 """Parameters and multiply-adds per image, in the layout of the paper's tables.
 
-MACs are counted by *executing* the model in eval mode under
-:class:`torch.utils.flop_counter.FlopCounterMode` (flops / 2, divided by the batch), so a routed
-network is charged for the procedure each sample really runs, not for all N of them.
-The counter sees convolutions, linear layers and matrix products (the same convention as the
-usual "FLOPs" tables: BatchNorm, activations, pooling and the memory look-up's tiny GEMM aside).
+The counting itself (:func:`count_params`, :func:`macs_per_image` on the executed path) lives in
+:mod:`rmn.cost`, shared with the run summary; this module builds the tables from it.
 """
 from __future__ import annotations
 
@@ -12,14 +9,13 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..backbones import create_backbone
-from ..backbones.base import device_of
+from ..cost import count_params, macs_per_image
 from ..network import RoutedNetwork
 
 PRETTY = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vgg16": "VGG-16", "efficientnet_b0": "EfficientNet-B0"}
@@ -27,38 +23,6 @@ PRETTY = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vgg16": "VGG-16", "
 
 def pretty_name(name: str) -> str:
     return PRETTY.get(name.lower(), name)
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of distinct trainable-or-not parameters (shared modules counted once); buffers excluded."""
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def macs_per_image(
-    model: nn.Module,
-    input_shape: Sequence[int] = (3, 224, 224),
-    batch: int = 2,
-    inputs: torch.Tensor | None = None,
-) -> float:
-    """Multiply-adds per image on the executed path (eval mode), counted with FlopCounterMode.
-
-    ``inputs`` (a batch) overrides ``input_shape``/``batch``; otherwise a random normal batch is used.
-    The model's training mode is restored afterwards.
-    """
-    if inputs is None:
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
-    inputs = inputs.to(device_of(model))
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(inputs)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() / 2 / inputs.shape[0]
 
 
 # -- the paper's table -------------------------------------------------------------------------
@@ -122,6 +86,20 @@ def cost_table(
         rows.append(_row(label, name, key, n, model.eval(), shape, batch))
         del model
     return rows
+
+
+SPEC_DEFAULTS = {"image_size": 224, "in_channels": 3, "width_mult": 1.0, "num_procedures": 8}
+
+
+def summary_from_spec(spec: dict[str, Any], include_se: bool = False) -> list[dict[str, Any]]:
+    """The cost table of a model spec ``{name, num_classes, image_size, in_channels, width_mult,
+    num_procedures}`` (missing optional keys take :data:`SPEC_DEFAULTS`), as ``rmn summary`` prints it."""
+    missing = [k for k in ("name", "num_classes") if spec.get(k) is None]
+    if missing:
+        raise ValueError(f"model spec needs {', '.join(missing)} (got {spec})")
+    s = {**SPEC_DEFAULTS, **{k: v for k, v in spec.items() if v is not None}}
+    return cost_table(s["name"], int(s["num_classes"]), int(s["image_size"]), int(s["in_channels"]),
+                      float(s["width_mult"]), int(s["num_procedures"]), include_se=include_se)
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Two sources of routes:
 * a route tensor ``[S, B]`` such as ``RoutedNetwork.last_routes`` (-1 marks an unrouted stage),
   together with labels ``[B]`` for the class-by-memory counts and each memory's class purity.
 
-Definitions (N memories, load ``n_j``, total ``T = sum n_j``):
+Definitions (N memories, load ``n_j``, total ``T = sum n_j``; :func:`rmn.memory.load_stats` computes the
+first five, for the training log as well):
 
 * ``share[j] = n_j / T`` (all zeros when ``T = 0``);
 * ``entropy = H(share) / log N`` in ``[0, 1]`` (1 = perfectly balanced; 0 when ``T = 0``; 1 for N = 1);
@@ -20,52 +21,13 @@ Definitions (N memories, load ``n_j``, total ``T = sum n_j``):
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..memory import load_stats  # noqa: F401  (re-exported: the statistic lives with the memories)
 from ..route import memory_banks
-
-
-def load_stats(load: torch.Tensor) -> dict[str, Any]:
-    """Statistics of one stage's load vector ``[N]`` (see the module docstring)."""
-    load = torch.as_tensor(load).detach().cpu().to(torch.float64).flatten()
-    n = load.numel()
-    if n == 0:
-        raise ValueError("load vector is empty")
-    if bool((load < 0).any()):
-        raise ValueError("load counts must be >= 0")
-    total = float(load.sum())
-    dead = int((load == 0).sum())
-    if total == 0:
-        return {
-            "num_memories": n,
-            "total": 0,
-            "load": [0] * n,
-            "share": [0.0] * n,
-            "entropy": 0.0,
-            "dead": n,
-            "max_over_mean": 0.0,
-            "max_over_min": None,
-        }
-    share = load / total
-    nz = share[share > 0]
-    h = float(-(nz * nz.log()).sum())
-    entropy = 1.0 if n == 1 else min(1.0, max(0.0, h / math.log(n)))
-    mx = float(load.max())
-    mn = float(load.min())
-    return {
-        "num_memories": n,
-        "total": int(round(total)),
-        "load": [int(round(v)) for v in load.tolist()],
-        "share": share.tolist(),
-        "entropy": entropy,
-        "dead": dead,
-        "max_over_mean": mx / (total / n),
-        "max_over_min": (mx / mn) if mn > 0 else None,
-    }
 
 
 def network_load_stats(net: nn.Module) -> list[dict[str, Any] | None]:

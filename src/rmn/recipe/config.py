@@ -112,7 +112,7 @@ class RunConfig:
     amp: str = "none"  # "none" (float32), "bf16" (autocast to bfloat16), "fp16" (float16 + gradient scaler)
     channels_last: bool = False  # NHWC weights and activations (what fast convolution kernels want)
     compile: bool = False  # torch.compile each routed procedure, the stem and the head
-    atlas: bool = True  # after an RMN run, draw each memory's nearest evaluation images (<output>/atlas)
+    atlas: bool = True  # `rmn run`, after an RMN run: each memory's nearest evaluation images (<output>/atlas)
     # Step 1 done elsewhere: a run folder or checkpoint file of the same plain network (a baseline or
     # a stem run, at or before schedule.stem_epochs); a fresh run continues from it instead of epoch 0.
     # Or initial weights: a torchvision/timm-layout state-dict file (.pth, .pt, .bin, .safetensors) loaded

@@ -6,7 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from . import build
-from .checkpoint import CheckpointError, checkpoint_config, describe_skipped, load_checkpoint, newest_checkpoint
+from .checkpoint import (CheckpointError, best_checkpoint, checkpoint_config, describe_skipped, load_checkpoint,
+                         newest_checkpoint, newest_readable, read_meta)
 
 
 def load_model(path: str | Path, device: str = "cpu", say=None):
@@ -41,7 +42,8 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", data_root: str |
     """Top-1/top-5 of a checkpoint on its evaluation split, in the precision asked for (``--amp``,
     ``--channels-last``: a model trained in float32 can be evaluated in bf16 and vice versa)."""
     from ..precision import Precision
-    from .steps import Run, evaluate
+    from .loop import evaluate
+    from .run import Run
 
     model, cfg, ckpt = load_model(path, device)
     if data_root is not None:
@@ -79,13 +81,25 @@ def model_spec(path: str | Path) -> dict:
             "width_mult": cfg.model.width_mult, "num_procedures": cfg.model.num_procedures}
 
 
-def model_for_atlas(path: str | Path):
-    """(model, info) for ``rmn atlas``: the checkpoint's model, where its data lives, and the run folder
-    it belongs to (the atlas goes there by default). A ``run.mode: both`` folder means its ``rmn/`` run."""
-    model, cfg, ckpt = load_model(rmn_run_of(path), "auto")
+def model_for_atlas(path: str | Path, device: str = "auto"):
+    """(model, info) for ``rmn atlas``: the checkpoint's model, where its data lives, the run folder it
+    belongs to (the atlas goes there by default), the run's name and the checkpoint's epoch and precision
+    settings. A ``run.mode: both`` folder means its ``rmn/`` run."""
+    model, cfg, ckpt = load_model(rmn_run_of(path), device)
     ckpt_dir = Path(ckpt.path).parent
     run_dir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
-    return model, {"dataset": cfg.data.dataset, "data_root": cfg.data.root, "run_dir": str(run_dir)}
+    return model, {"dataset": cfg.data.dataset, "data_root": cfg.data.root, "run_dir": str(run_dir),
+                   "name": cfg.run.name, "epoch": ckpt.meta["epoch"]}
+
+
+def atlas_checkpoint(run_dir: str | Path, keep_best: bool) -> Path | None:
+    """The checkpoint a finished RMN run draws its atlas from: its best (``run.keep_best``) when that one is
+    routed, otherwise its newest readable one; None when it has none."""
+    where = Path(run_dir) / "checkpoints"
+    best = best_checkpoint(where) if keep_best else None
+    if best is not None and read_meta(best)["phase"] == "routed":
+        return best
+    return newest_readable(where)
 
 
 def evaluation_targets(path: str | Path) -> list[tuple[str | None, Path]]:

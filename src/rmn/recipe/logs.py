@@ -48,6 +48,21 @@ def _flat(row: dict) -> dict:
     return out
 
 
+def images_to_tensorboard(out: Path, epoch: int, paths: Iterable[Path]) -> None:
+    """PNG files (the memory atlas drawn after a run) as TensorBoard images in ``out/tensorboard``, tagged
+    ``atlas/<file name>``, at ``epoch``; a writer of its own, so the run's event files stay as they are."""
+    imread = require("matplotlib.image", extra="plots", feature="the memory atlas").imread
+    writer = tensorboard_writer()(str(Path(out) / "tensorboard"))
+    try:
+        for p in paths:
+            img = imread(str(p))
+            if img.ndim == 2:
+                img = img[:, :, None].repeat(3, axis=2)
+            writer.add_image(f"atlas/{Path(p).stem}", img[:, :, :3], epoch, dataformats="HWC")
+    finally:
+        writer.close()
+
+
 class RunLog:
     def __init__(self, out: Path, keep_up_to_seq: int | None, tensorboard: bool, enabled: bool = True) -> None:
         self.out = Path(out)
@@ -119,18 +134,6 @@ class RunLog:
             self.tb.add_histogram_raw(f"routes/{name}", min=used[0], max=used[-1], num=total,
                                       sum=sum(i * n for i, n in enumerate(c)), sum_squares=sum(i * i * n for i, n in enumerate(c)),
                                       bucket_limits=[i + 0.5 for i in range(len(c))], bucket_counts=list(c), global_step=epoch)
-        self.tb.flush()
-
-    def images(self, epoch: int, paths: Iterable[Path]) -> None:
-        """PNG files (the memory atlas) as TensorBoard images, tagged by file name."""
-        if self.tb is None:
-            return
-        imread = require("matplotlib.image", extra="plots", feature="the memory atlas").imread
-        for p in paths:
-            img = imread(str(p))
-            if img.ndim == 2:
-                img = img[:, :, None].repeat(3, axis=2)
-            self.tb.add_image(f"atlas/{Path(p).stem}", img[:, :, :3], epoch, dataformats="HWC")
         self.tb.flush()
 
     def close(self) -> None:

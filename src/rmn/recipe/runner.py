@@ -4,6 +4,9 @@
 ``<output>/rmn`` and prints the comparison table of the paper's layout. The baseline is the paper's:
 the plain network, whatever ``model.attention`` the RMN uses (``run.baseline_attention: se`` makes it
 the "+SE" row instead).
+
+Training ends here; what is drawn from a finished run (the memory atlas, ``run.atlas``) is the
+``rmn`` command's, from the run's checkpoint (:mod:`rmn.cli`).
 """
 from __future__ import annotations
 
@@ -13,17 +16,18 @@ import time
 from pathlib import Path
 
 from .. import distributed
-from ..analysis.cost import count_params, macs_per_image
-from ..route import is_routed, num_procedures
+from ..cost import count_params, macs_per_image
+from ..route import num_procedures
 from .checkpoint import atomic_write_bytes, best_checkpoint
 from .config import Config
-from .steps import Run, clone, evaluate, init_memory, routing_row, train_baseline, train_routed, train_stem
+from .loop import evaluate, routing_row
+from .run import Run
+from .steps import clone, init_memory, train_baseline, train_routed, train_stem
 
 
 def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict:
     """Train one model to the end (resuming where it stopped) and write its summary.json."""
     t0 = time.perf_counter()
-    _check_atlas(cfg, routed=not baseline)
     run = Run.open(cfg, resume=resume, baseline=baseline)
     done = run.out / "summary.json"
     if run.finished:
@@ -41,31 +45,8 @@ def run_steps(cfg: Config, resume: bool = False, baseline: bool = False) -> dict
         init_memory(run)
         train_routed(run)
     summary = write_summary(run, time.perf_counter() - t0)
-    if is_routed(run.model) and run.cfg.run.atlas and distributed.rank() == 0:
-        write_atlas(run)
     run.log.close()
     return summary
-
-
-def _check_atlas(cfg: Config, routed: bool) -> None:
-    """A run that will draw the atlas stops now, not after training, when the ``plots`` extra is missing."""
-    if routed and cfg.run.atlas:
-        from ..analysis.atlas import require_plotting
-
-        require_plotting(instead="or set run.atlas false")
-
-
-def write_atlas(run: Run) -> dict:
-    """Each memory's nearest evaluation images, heat maps and load charts, in ``<output>/atlas``."""
-    from ..analysis.cli import atlas_command
-
-    with run.precision.autocast():  # the features the run's own routing saw
-        paths = atlas_command(run.model, run.data.eval, run.out / "atlas", top_k=8, max_images=1024,
-                              image_size=run.data.image_size if run.data.image_size != run.data.spec.image_size else None,
-                              title=run.cfg.run.name)
-    run.say(f"[atlas] {run.out / 'atlas' / 'atlas.html'}")
-    run.log.images(run.epoch, sorted((run.out / "atlas").glob("*.png")))
-    return paths
 
 
 def write_summary(run: Run, seconds: float) -> dict:
@@ -106,7 +87,6 @@ def _name(path: Path | None) -> str | None:
 
 def run_experiment(cfg: Config, resume: bool = False) -> list[dict]:
     """``rmn run``: the configured mode; 'both' trains baseline and RMN and prints the comparison."""
-    _check_atlas(cfg, routed=cfg.run.mode != "baseline")
     if cfg.run.mode != "both":
         return [run_steps(cfg, resume=resume, baseline=cfg.run.mode == "baseline")]
     summaries = []
