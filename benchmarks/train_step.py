@@ -44,9 +44,8 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's rmn, whichever environm
 from rmn.analysis.calibrate import init_memories, measure_route_counts  # noqa: E402
 from rmn.analysis.latency import interleaved_times, varied_images  # noqa: E402
 from rmn.backbones import create_backbone  # noqa: E402
-from rmn.network import RoutedNetwork  # noqa: E402
 from rmn.precision import Precision, compile_parts  # noqa: E402
-from rmn.route import update_memories  # noqa: E402
+from rmn.route import route, update_memories  # noqa: E402
 from rmn.training import drop_idle_gradients  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
@@ -95,10 +94,10 @@ def build_pair(model: str, num_procedures: int, attention: str | None, calib: to
     width, size, channels, classes = MODELS[model]
     torch.manual_seed(0)
     bb = create_backbone("resnet18", num_classes=classes, image_size=size, in_channels=channels, width_mult=width)
-    base = RoutedNetwork.from_backbone(bb, num_procedures, attention=attention, routed_stages=()).to(device)
+    base = route(bb, None, num_procedures, attention, clone=False, attention_init="random").to(device)
     calib = calib.to(device)
     settle_batchnorm(base, calib, batch)
-    rmn = RoutedNetwork.from_backbone(copy.deepcopy(base), num_procedures, attention=attention)
+    rmn = route(base, None, num_procedures)
     # memories from the features of the mode timed: procedures' BatchNorm sees slice statistics in training
     rmn_eval = copy.deepcopy(rmn)
     init_memories(rmn, calib[: 2 * batch], method="kmeans", train=True)

@@ -51,3 +51,44 @@ def write_config(tmp_path_factory, name: str, config: dict):
     p = tmp_path_factory.mktemp("cfg") / name
     p.write_text(yaml.safe_dump(config))
     return p
+
+
+def routed_net(model, num_procedures=8, attention=True, routed_stages=None, **kw):
+    """A routed network as the recipe builds one from ``model``: ``routed_stages=()`` gives the plain network of
+    step 1 (attention for N routes, no memories), a list of indices routes only those stages of it, None all;
+    attention starts from PyTorch's default initialisation (the paper's step 1 from scratch)."""
+    import rmn
+    from rmn.route import has_routing
+
+    if has_routing(model):
+        return rmn.route(model, None, num_procedures, **kw)
+    memory = {k: kw.pop(k) for k in ("memory_momentum", "memory_options") if k in kw}
+    if routed_stages is None:
+        return rmn.route(model, None, num_procedures, attention, attention_init="random", **kw, **memory)
+    plain = rmn.route(model, None, num_procedures, attention, clone=False, attention_init="random", **kw)
+    if not routed_stages:
+        return plain
+    names = plain.rmn_routing.stages
+    bad = [i for i in routed_stages if not 0 <= i < len(names)]
+    if bad:
+        raise ValueError(f"routed_stages {bad} out of range: the model has {len(names)} stages")
+    return rmn.route(plain, [names[i] for i in routed_stages], num_procedures, **memory)
+
+
+def stem_of(model):
+    """The three phases of one of rmn's backbones as modules: what runs before the first stage, ..."""
+    from torch import nn
+    return nn.Sequential(*model.stem_modules())
+
+
+def stages_of(model):
+    """... each stage (a named module, or an nn.Sequential of a group's modules) ..."""
+    from torch import nn
+    return [model.get_submodule(g) if isinstance(g, str) else nn.Sequential(*(model.get_submodule(n) for n in g))
+            for g in model.stage_names]
+
+
+def head_of(model):
+    """... and what runs after the last stage."""
+    from torch import nn
+    return nn.Sequential(*model.head_modules())

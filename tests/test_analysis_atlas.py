@@ -4,10 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rmn import RoutedNetwork
 from rmn.analysis.atlas import grid_size, memory_atlas, nearest_images
 from rmn.analysis.calibrate import init_memories
 from rmn.route import memory_banks
+from conftest import routed_net
+from rmn.route import set_auto_update
 
 
 def test_nearest_images_matches_brute_force():
@@ -31,7 +32,7 @@ def test_nearest_images_matches_brute_force():
 @pytest.fixture
 def atlas_setup(toy):
     torch.manual_seed(1)
-    net = RoutedNetwork.from_backbone(toy, num_procedures=3, attention=True).eval()
+    net = routed_net(toy, num_procedures=3, attention=True).eval()
     images = torch.randn(24, 3, 16, 16)
     init_memories(net, images, method="random", seed=0)
     display = torch.rand(24, 3, 16, 16)
@@ -98,7 +99,7 @@ def test_atlas_picks_exactly_the_nearest_images_and_writes_figures(atlas_setup, 
 def test_atlas_uses_training_load_and_works_without_labels(atlas_setup, tmp_path):
     net, images, display, _ = atlas_setup
     net.train()
-    net.auto_update = False
+    set_auto_update(net, False)
     net(images[:10])  # a training forward (gradients on) counts the load
     net.eval()
     out = memory_atlas(net, images, display[:, :1], None, None, top_k=2, out_dir=tmp_path)
@@ -111,6 +112,6 @@ def test_atlas_uses_training_load_and_works_without_labels(atlas_setup, tmp_path
 
 
 def test_atlas_refuses_unrouted_network(toy, tmp_path):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=2, routed_stages=())
+    net = routed_net(toy, num_procedures=2, routed_stages=())
     with pytest.raises(ValueError, match="routes no stage"):
         memory_atlas(net, torch.randn(4, 3, 16, 16), torch.rand(4, 3, 16, 16), out_dir=tmp_path)

@@ -9,6 +9,7 @@ from rmn.analysis.latency import format_latency, interleaved_times, run_latency
 from rmn.analysis.cost import summary_from_spec
 from rmn.cli import build_parser, main
 from rmn.route import memory_banks
+from conftest import routed_net
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -61,10 +62,9 @@ def test_interleaved_times_round_robin():
 
 
 def test_memories_for_shares_gives_requested_split(toy):
-    from rmn import RoutedNetwork
-
+    
     torch.manual_seed(0)
-    net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=False)
+    net = routed_net(toy, num_procedures=4, attention=False)
     x = torch.randn(64, 3, 16, 16)
     for shares in ([0.25] * 4, [0.7, 0.1, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0]):
         want = _counts_from_shares(shares, 64)
@@ -89,12 +89,12 @@ def test_latency_smoke_small():
 
 
 def test_split_backbone_reference_equals_backbone_in_eval(toy):
-    from rmn.analysis.dispatch_bench import SplitBackbone
+    from rmn.analysis.dispatch_bench import split_backbone
 
     toy.eval()
     x = torch.randn(7, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(SplitBackbone(toy, [3, 0, 4]).eval()(x), toy(x))
+        torch.testing.assert_close(split_backbone(toy, [3, 0, 4]).eval()(x), toy(x))
 
 
 def test_dispatch_benchmark_smoke():

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from rmn import RoutedNetwork, create_backbone
+from rmn import create_backbone
 from rmn.analysis.cost import count_params, cost_table, format_table, macs_per_image, rows_to_csv, write_json
 from rmn.analysis.calibrate import init_memories
 from rmn.analysis.features import stage_inputs
 from rmn.route import memory_banks
+from conftest import routed_net, stages_of
+from rmn.route import last_routes
 
 
 def _randomise(net):
@@ -21,11 +23,11 @@ def test_routed_macs_equal_backbone_within_1pct(name, size):
     x = torch.randn(12, 3, size, size)
     base = macs_per_image(bb, inputs=x)
     for attention in (False, True):
-        net = RoutedNetwork.from_backbone(bb, num_procedures=8, attention=attention).eval()
+        net = routed_net(bb, num_procedures=8, attention=attention).eval()
         init_memories(net, x, method="random")  # samples spread over procedures: the executed path counts
         with torch.no_grad():
             net(x)
-        assert net.last_routes[0].unique().numel() > 1  # several procedures really ran
+        assert last_routes(net)[0].unique().numel() > 1  # several procedures really ran
         routed = macs_per_image(net, inputs=x)
         assert abs(routed - base) / base < 0.01, (name, attention, routed, base)
 
@@ -43,7 +45,7 @@ def test_cost_table_rows():
     assert [r["variant"] for r in rows] == ["backbone", "se", "rmn", "rmn_se", "rmn_ca"]
     by = {r["variant"]: r for r in rows}
     bb = create_backbone("resnet18", 100, image_size=32, width_mult=0.25)
-    stage_params = sum(count_params(s) for s in bb.stages)
+    stage_params = sum(count_params(s) for s in stages_of(bb))
     assert by["backbone"]["params"] == count_params(bb)
     # routed stages hold 8 copies; stem and head are shared
     assert by["rmn"]["params"] == count_params(bb) + 7 * stage_params
@@ -68,13 +70,13 @@ def test_write_json(tmp_path):
 
 
 def test_stage_inputs_match_routing_features(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=3, attention=True).eval()
+    net = routed_net(toy, num_procedures=3, attention=True).eval()
     _randomise(net)
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         feats = stage_inputs(net, x)
         net(x)
     assert [f.shape[1] for f in feats] == toy.stage_channels
-    for f, bank, r in zip(feats, memory_banks(net), net.last_routes):
+    for f, bank, r in zip(feats, memory_banks(net), last_routes(net)):
         d = torch.cdist(f.double(), bank.memories.double())
         assert torch.equal(d.argmin(1), r)

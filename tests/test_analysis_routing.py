@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from rmn import RoutedNetwork
 from rmn.analysis.routing import (class_memory_counts, load_stats, mean_purity, network_load_stats, purity,
                                   route_stats, routing_report)
 from rmn.route import memory_banks
+from conftest import routed_net
+from rmn.route import last_routes, routed_stages
 
 
 def test_load_stats_balanced():
@@ -72,7 +73,7 @@ def test_route_stats_and_report_skip_unrouted_rows():
 
 
 def test_network_load_stats(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=False, routed_stages=[0, 2])
+    net = routed_net(toy, num_procedures=4, attention=False, routed_stages=[0, 2])
     for bank in memory_banks(net):
         if bank is not None:
             bank.set_memories(torch.randn(bank.num_memories, bank.dim))
@@ -82,5 +83,5 @@ def test_network_load_stats(toy):
     assert stats[1] is None
     for i in (0, 2):
         assert stats[i]["total"] == 6
-        assert stats[i]["load"] == net.stages[i].memory.load.tolist()
-        assert stats[i]["load"] == torch.bincount(net.last_routes[i], minlength=4).tolist()
+        assert stats[i]["load"] == routed_stages(net)[i].memory.load.tolist()
+        assert stats[i]["load"] == torch.bincount(last_routes(net)[i], minlength=4).tolist()

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rmn.backbones import Backbone, BackboneInfo, NamedBackbone, create_backbone, image_variant, list_backbones, register_backbone
 from rmn.backbones.efficientnet import MBConv, StochasticDepth, make_divisible
 from rmn.backbones.resnet import BasicBlock, Bottleneck
+from conftest import head_of, stages_of, stem_of
 
 NAMES = ["efficientnet_b0", "resnet18", "resnet50", "vgg16"]
 
@@ -45,13 +46,13 @@ def count_macs(model: nn.Module, image_size: int, in_channels: int = 3) -> float
 
 def run_phases(model: Backbone, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """stem -> stages -> head by hand; returns the logits, the stage inputs and the stage outputs."""
-    h = model.stem(x)
+    h = stem_of(model)(x)
     inputs, outputs = [], []
-    for stage in model.stages:
+    for stage in stages_of(model):
         inputs.append(h)
         h = stage(h)
         outputs.append(h)
-    return model.head(h), inputs, outputs
+    return head_of(model)(h), inputs, outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +222,8 @@ def test_forward_phases_and_channels(name, image_size, in_channels):
         y_phases, stage_inputs, stage_outputs = run_phases(model, x)
     assert y.shape == (2, 10)
     torch.testing.assert_close(y, y_phases, rtol=0, atol=0)  # same ops in the same order: bitwise equal
-    assert len(model.stages) == len(model.stage_channels) == len(model.out_channels)
-    assert len(model.stages) == (5 if name == "efficientnet_b0" else 4)
+    assert len(stages_of(model)) == len(model.stage_channels) == len(model.out_channels)
+    assert len(stages_of(model)) == (5 if name == "efficientnet_b0" else 4)
     assert [t.shape[1] for t in stage_inputs] == model.stage_channels
     assert [t.shape[1] for t in stage_outputs] == model.out_channels
     assert model.stage_channels[1:] == model.out_channels[:-1]
@@ -256,9 +257,9 @@ def test_train_mode_forward_backward(name):
 def test_spatial_sizes_per_variant(name, image_size, sides):
     model = create_backbone(name, num_classes=3, image_size=image_size, width_mult=0.125).eval()
     with torch.no_grad():
-        h = model.stem(torch.randn(1, 3, image_size, image_size))
+        h = stem_of(model)(torch.randn(1, 3, image_size, image_size))
         got = [h.shape[-1]]
-        for stage in model.stages:
+        for stage in stages_of(model):
             h = stage(h)
             got.append(h.shape[-1])
     assert got == sides
@@ -266,24 +267,24 @@ def test_spatial_sizes_per_variant(name, image_size, sides):
 
 def test_resnet_small_image_stem():
     small = create_backbone("resnet18", num_classes=10, image_size=32, width_mult=0.25)
-    conv = small.stem[0]
+    conv = stem_of(small)[0]
     assert conv.kernel_size == (7, 7) and conv.stride == (1, 1) and conv.padding == (3, 3)
-    assert not any(isinstance(m, nn.MaxPool2d) for m in small.stem.modules())
+    assert not any(isinstance(m, nn.MaxPool2d) for m in stem_of(small).modules())
     big = create_backbone("resnet18", num_classes=10, image_size=224, width_mult=0.25)
-    assert big.stem[0].stride == (2, 2)
-    assert isinstance(big.stem[3], nn.MaxPool2d)
-    assert big.stem[3].kernel_size == 3 and big.stem[3].stride == 2 and big.stem[3].padding == 1
+    assert stem_of(big)[0].stride == (2, 2)
+    assert isinstance(stem_of(big)[3], nn.MaxPool2d)
+    assert stem_of(big)[3].kernel_size == 3 and stem_of(big)[3].stride == 2 and stem_of(big)[3].padding == 1
 
 
 def test_resnet_structure():
     r18 = create_backbone("resnet18", num_classes=10, width_mult=0.25)
     r50 = create_backbone("resnet50", num_classes=10, width_mult=0.25)
-    assert [len(s) for s in r18.stages] == [2, 2, 2, 2]
-    assert [len(s) for s in r50.stages] == [3, 4, 6, 3]
-    assert all(isinstance(b, BasicBlock) for s in r18.stages for b in s)
-    assert all(isinstance(b, Bottleneck) for s in r50.stages for b in s)
+    assert [len(s) for s in stages_of(r18)] == [2, 2, 2, 2]
+    assert [len(s) for s in stages_of(r50)] == [3, 4, 6, 3]
+    assert all(isinstance(b, BasicBlock) for s in stages_of(r18) for b in s)
+    assert all(isinstance(b, Bottleneck) for s in stages_of(r50) for b in s)
     # v1.5: the stride sits on the 3x3 conv
-    first = r50.stages[1][0]
+    first = stages_of(r50)[1][0]
     assert first.conv1.stride == (1, 1) and first.conv2.stride == (2, 2)
     assert r18.stage_channels == [16, 16, 32, 64] and r18.out_channels == [16, 32, 64, 128]
     assert r50.stage_channels == [16, 64, 128, 256] and r50.out_channels == [64, 128, 256, 512]
@@ -291,12 +292,12 @@ def test_resnet_structure():
 
 def test_resnet_init_and_zero_init_residual():
     model = create_backbone("resnet18", num_classes=10, width_mult=0.25)
-    bn = model.stages[0][0].bn2
+    bn = stages_of(model)[0][0].bn2
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
     zero = create_backbone("resnet50", num_classes=10, width_mult=0.25, zero_init_residual=True)
-    assert all(torch.all(b.bn3.weight == 0) for s in zero.stages for b in s)
+    assert all(torch.all(b.bn3.weight == 0) for s in stages_of(zero) for b in s)
     zero18 = create_backbone("resnet18", num_classes=10, width_mult=0.25, zero_init_residual=True)
-    assert all(torch.all(b.bn2.weight == 0) for s in zero18.stages for b in s)
+    assert all(torch.all(b.bn2.weight == 0) for s in stages_of(zero18) for b in s)
 
 
 def test_vgg_variants_structure():
@@ -304,15 +305,15 @@ def test_vgg_variants_structure():
     cifar = create_backbone("vgg16", num_classes=10, image_size=32, width_mult=0.25)
     big = create_backbone("vgg16", num_classes=10, image_size=224, width_mult=0.25)
     for model in (tiny, cifar, big):
-        assert not any(isinstance(m, nn.MaxPool2d) for m in model.stem.modules())
-        assert [sum(isinstance(m, nn.Conv2d) for m in s.modules()) for s in model.stages] == [2, 3, 3, 3]
-        assert isinstance(model.head[0], nn.MaxPool2d)
-    assert [type(s[0]) for s in tiny.stages] == [nn.Identity, nn.Identity, nn.MaxPool2d, nn.MaxPool2d]
-    assert all(isinstance(s[0], nn.MaxPool2d) for s in cifar.stages)
-    assert all(isinstance(s[0], nn.MaxPool2d) for s in big.stages)
-    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size == (7, 7) for m in cifar.head)
-    assert any(isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size == (7, 7) for m in tiny.head)
-    linears = [m for m in cifar.head if isinstance(m, nn.Linear)]
+        assert not any(isinstance(m, nn.MaxPool2d) for m in stem_of(model).modules())
+        assert [sum(isinstance(m, nn.Conv2d) for m in s.modules()) for s in stages_of(model)] == [2, 3, 3, 3]
+        assert isinstance(head_of(model)[0], nn.MaxPool2d)
+    assert [type(s[0]) for s in stages_of(tiny)] == [nn.Identity, nn.Identity, nn.MaxPool2d, nn.MaxPool2d]
+    assert all(isinstance(s[0], nn.MaxPool2d) for s in stages_of(cifar))
+    assert all(isinstance(s[0], nn.MaxPool2d) for s in stages_of(big))
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size == (7, 7) for m in head_of(cifar))
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size == (7, 7) for m in head_of(tiny))
+    linears = [m for m in head_of(cifar) if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(128, 1024), (1024, 1024), (1024, 10)]
     assert big.stage_channels == [16, 32, 64, 128] and big.out_channels == [32, 64, 128, 128]
 
@@ -320,26 +321,26 @@ def test_vgg_variants_structure():
 def test_vgg_init():
     torch.manual_seed(0)
     model = create_backbone("vgg16", num_classes=10, image_size=32, width_mult=0.5)
-    fc = model.head[3]
+    fc = head_of(model)[3]
     assert isinstance(fc, nn.Linear)
     assert abs(fc.weight.std().item() - 0.01) < 1e-3 and torch.all(fc.bias == 0)
-    conv = model.stem[0]
+    conv = stem_of(model)[0]
     assert torch.all(conv.bias == 0)
 
 
 def test_efficientnet_structure():
     model = create_backbone("efficientnet_b0", num_classes=10, image_size=224)
-    assert [sum(isinstance(m, MBConv) for m in s.modules()) for s in model.stages] == [1, 2, 2, 6, 5]
+    assert [sum(isinstance(m, MBConv) for m in s.modules()) for s in stages_of(model)] == [1, 2, 2, 6, 5]
     assert model.stage_channels == [32, 16, 24, 40, 112]
     assert model.out_channels == [16, 24, 40, 112, 1280]
-    assert model.stem[0].stride == (2, 2)
+    assert stem_of(model)[0].stride == (2, 2)
     blocks = [m for m in model.modules() if isinstance(m, MBConv)]
     assert len(blocks) == 16
     # stochastic depth grows linearly: 0.2 * i / 16
     assert [b.stochastic_depth.p for b in blocks] == pytest.approx([0.2 * i / 16 for i in range(16)])
     small = create_backbone("efficientnet_b0", num_classes=10, image_size=64)
-    assert small.stem[0].stride == (1, 1)
-    first_mb2 = [m for m in small.stages[1].modules() if isinstance(m, MBConv)][0]
+    assert stem_of(small)[0].stride == (1, 1)
+    first_mb2 = [m for m in stages_of(small)[1].modules() if isinstance(m, MBConv)][0]
     assert first_mb2.block[1][0].stride == (1, 1)
     custom = create_backbone("efficientnet_b0", num_classes=10, width_mult=0.25, drop_path_rate=0.0)
     assert all(m.stochastic_depth.p == 0.0 for m in custom.modules() if isinstance(m, MBConv))

@@ -12,13 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from rmn import RoutedNetwork, init_memories
+from rmn import init_memories
 from rmn.distributed import data_parallel
 from rmn.syncbn import GlobalBatchNorm2d, convert_sync_batchnorm
 from tests.conftest import toy_backbone
 from rmn.features import stage_inputs
 from rmn.route import memory_banks, update_memories
 from rmn.training import drop_idle_gradients
+from conftest import routed_net
+from rmn.route import set_auto_update
 
 STEPS, B = 3, 6
 
@@ -32,7 +34,7 @@ def free_port() -> int:
 def make_setup():
     """Same network, memories and data in every process; sample 0 alone is routed to procedure 2."""
     torch.manual_seed(0)
-    net = RoutedNetwork.from_backbone(toy_backbone(), num_procedures=3, attention=True)
+    net = routed_net(toy_backbone(), num_procedures=3, attention=True)
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(2 * B, 3, 16, 16, generator=g), torch.randint(5, (2 * B,), generator=g)) for _ in range(STEPS)]
     net.eval()
@@ -41,7 +43,7 @@ def make_setup():
         m = torch.stack([f[1:].mean(0), f[1:].mean(0) + 0.05 * f[1:].std(0), f[0]])
         bank.set_memories(m)
     net.train()
-    net.auto_update = False
+    set_auto_update(net, False)
     return net, data
 
 
@@ -65,8 +67,8 @@ def train_steps(net, model, data, shard):
 def init_on_shard(rank, world):
     """rmn.init_memories on this process's half of the data (a fresh clone, as recipe step 3 sees it)."""
     torch.manual_seed(0)
-    stem = RoutedNetwork.from_backbone(toy_backbone(), num_procedures=3, attention=True, routed_stages=())
-    net = RoutedNetwork.from_backbone(stem, num_procedures=3)
+    stem = routed_net(toy_backbone(), num_procedures=3, attention=True, routed_stages=())
+    net = routed_net(stem, num_procedures=3)
     x = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     done = init_memories(net, list(x[rank::world].split(8)), iters=20)
     return {"memories": [b.memories.clone() for b in memory_banks(net)], "sizes": done.cluster_sizes}

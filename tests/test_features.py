@@ -6,19 +6,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from rmn import RoutedNetwork, init_memories, kmeans
+from rmn import init_memories, kmeans
 from rmn.analysis import collect_stage_features
 from rmn.features import resolve_path, stage_inputs, walk_stages
 from rmn.memory import nearest
 from tests.conftest import toy_backbone
 from rmn.route import memory_banks
+from conftest import routed_net
+from rmn.route import last_routes
 
 
 def fresh_clone(attention=True, num_procedures=3):
     """Step 1 network, then step 2: every procedure a copy, memories not set yet."""
     torch.manual_seed(0)
-    stem = RoutedNetwork.from_backbone(toy_backbone(), num_procedures=num_procedures, attention=attention, routed_stages=())
-    return stem, RoutedNetwork.from_backbone(stem, num_procedures=num_procedures)
+    stem = routed_net(toy_backbone(), num_procedures=num_procedures, attention=attention, routed_stages=())
+    return stem, routed_net(stem, num_procedures=num_procedures)
 
 
 def stem_reference(stem, x):
@@ -63,7 +65,7 @@ def test_the_paths_of_the_pass():
         assert resolve_path(net) == "routed"
         items = list(walk_stages(net, x, "routed"))
         net(x)
-        for item, r in zip(items, net.last_routes):
+        for item, r in zip(items, last_routes(net)):
             assert torch.equal(item.routes, r)
         for f, item in zip(stage_inputs(net, x), items):
             assert torch.equal(f, item.feature)
@@ -89,7 +91,7 @@ def test_init_memories_over_any_iterable_of_batches_is_step_3():
     want = stem_reference(stem, x)
     results = []
     for batches in (loader, list(x.split(16)), list(zip(x.split(16), y.split(16)))):
-        net = RoutedNetwork.from_backbone(stem, num_procedures=3)
+        net = routed_net(stem, num_procedures=3)
         done = init_memories(net, batches, iters=20, seed=1)
         results.append(([b.memories.clone() for b in memory_banks(net)], done.cluster_sizes))
         assert set(done.seconds) == {"features", "kmeans"}
@@ -103,7 +105,7 @@ def test_init_memories_over_any_iterable_of_batches_is_step_3():
         assert results[0][1][f"stage{i}"] == res.counts.tolist()
     with torch.no_grad():
         net.eval()(x)
-    assert all(r.unique().numel() > 1 for r in net.last_routes)
+    assert all(r.unique().numel() > 1 for r in last_routes(net))
 
 
 def test_init_memories_caps_the_samples_and_refuses_what_it_cannot_do():
@@ -149,7 +151,7 @@ def test_the_readme_python_api_runs_as_written(monkeypatch):
     before = [b.memories.clone() for b in memory_banks(net)]
     with torch.no_grad():
         net.eval()(x)
-    assert all(r.unique().numel() > 1 for r in net.last_routes)
+    assert all(r.unique().numel() > 1 for r in last_routes(net))
     exec(compile("train(net, opt, loader)" + tail, "README.md", "exec"), ns)
     assert all(not torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
 

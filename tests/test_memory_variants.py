@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rmn import RoutedNetwork
 from rmn.memory import MemoryBank
 from tests.conftest import toy_backbone
 from tests.test_distributed import free_port
 from rmn.training import reclone_procedure
+from conftest import routed_net
 
 
 def bank_with(mem, **kw):
@@ -89,7 +89,7 @@ def test_revival_threshold_on_load_share():
 
 
 def test_reclone_procedure_copies_weights_and_optimizer_state():
-    net = RoutedNetwork.from_backbone(toy_backbone(), num_procedures=3)
+    net = routed_net(toy_backbone(), num_procedures=3)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net.train()(torch.randn(4, 3, 16, 16)).sum().backward()
     opt.step()

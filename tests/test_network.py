@@ -7,10 +7,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import rmn
-from rmn import RoutedNetwork, clone_optimizer
+from rmn import clone_optimizer
 from tests.conftest import toy_backbone
 from rmn.route import is_routed, memory_banks, update_memories
 from rmn.training import scale_procedure_gradients
+from conftest import routed_net
+from rmn.route import last_routes, routed_stages, set_auto_update
 
 
 def small_backbones():
@@ -49,19 +51,19 @@ def test_eval_output_equals_backbone_after_cloning(name, build, x):
     randomize_bn(bb)
     bb.eval()
     expected = bb(x)
-    net = RoutedNetwork.from_backbone(bb, num_procedures=4, attention=False).eval()
+    net = routed_net(bb, num_procedures=4, attention=False).eval()
     random_memories(net)
     out = net(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert net.last_routes.shape == (len(bb.stages), x.shape[0])
-    assert len(set(net.last_routes.flatten().tolist())) > 1  # the samples really went different ways
+    assert last_routes(net).shape == (len(bb.stage_names), x.shape[0])
+    assert len(set(last_routes(net).flatten().tolist())) > 1  # the samples really went different ways
 
 
 @pytest.mark.parametrize("name,build,x", CASES, ids=IDS)
 def test_train_output_equals_backbone_when_all_take_one_route(name, build, x):
     torch.manual_seed(0)
     bb = build().train()
-    net = RoutedNetwork.from_backbone(bb, num_procedures=3, attention=False).train()
+    net = routed_net(bb, num_procedures=3, attention=False).train()
     for bank in memory_banks(net):  # memory 2 at the origin-ish, others far away: everybody goes to 2
         m = torch.full(bank.memories.shape, 1e4)
         m[2] = 0
@@ -71,11 +73,11 @@ def test_train_output_equals_backbone_when_all_take_one_route(name, build, x):
     torch.manual_seed(1)
     out = net(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    assert (net.last_routes == 2).all()
+    assert (last_routes(net) == 2).all()
 
 
 def test_gradients_only_reach_used_procedures_and_never_memories(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=True).train()
+    net = routed_net(toy, num_procedures=4, attention=True).train()
     for bank in memory_banks(net):
         m = torch.full(bank.memories.shape, 1e4)
         m[0], m[2] = 0, 0.0
@@ -83,8 +85,8 @@ def test_gradients_only_reach_used_procedures_and_never_memories(toy):
         bank.set_memories(m)
     x = torch.randn(8, 3, 16, 16)
     net(x).sum().backward()
-    for i, stage in enumerate(net.stages):
-        used = set(net.last_routes[i].tolist())
+    for i, stage in enumerate(routed_stages(net)):
+        used = set(last_routes(net)[i].tolist())
         for j, proc in enumerate(stage.procedures):
             got = any(p.grad is not None and p.grad.abs().sum() > 0 for p in proc.parameters())
             assert got == (j in used), (i, j, used)
@@ -93,7 +95,7 @@ def test_gradients_only_reach_used_procedures_and_never_memories(toy):
 
 
 def test_scale_procedure_gradients_touches_only_routed_procedures(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=3, attention=True, routed_stages=[1]).train()
+    net = routed_net(toy, num_procedures=3, attention=True, routed_stages=[1]).train()
     random_memories(net)
     net(torch.randn(16, 3, 16, 16)).sum().backward()
     before = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
@@ -108,7 +110,7 @@ def test_scale_procedure_gradients_touches_only_routed_procedures(toy):
 
 
 def test_memories_move_only_in_training(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=2)
+    net = routed_net(toy, num_procedures=2)
     random_memories(net)
     before = [b.memories.clone() for b in memory_banks(net)]
     net.eval()(torch.randn(4, 3, 16, 16))
@@ -118,9 +120,9 @@ def test_memories_move_only_in_training(toy):
 
 
 def test_auto_update_off_defers_until_update_memories(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=2)
+    net = routed_net(toy, num_procedures=2)
     random_memories(net)
-    net.auto_update = False
+    set_auto_update(net, False)
     before = [b.memories.clone() for b in memory_banks(net)]
     net.train()(torch.randn(4, 3, 16, 16))
     assert all(torch.equal(a, b.memories) for a, b in zip(before, memory_banks(net)))
@@ -139,14 +141,14 @@ def test_flops_of_routed_model_equal_backbone(name, build, x):
     bb = build().eval()
     base = macs(bb, x)
     for attention in (False, True):
-        net = RoutedNetwork.from_backbone(bb, num_procedures=8, attention=attention).eval()
+        net = routed_net(bb, num_procedures=8, attention=attention).eval()
         random_memories(net)
         routed = macs(net, x)
         assert abs(routed - base) / base < 0.01, (attention, routed, base)
 
 
 def test_n1_equals_backbone_in_train_and_eval(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=1, attention=False)
+    net = routed_net(toy, num_procedures=1, attention=False)
     x = torch.randn(5, 3, 16, 16)
     for mode in (True, False):
         toy.train(mode), net.train(mode)
@@ -154,29 +156,29 @@ def test_n1_equals_backbone_in_train_and_eval(toy):
 
 
 def test_subset_routing(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=4, routed_stages=[1])
-    assert [s.routed for s in net.stages] == [False, True, False]
-    assert net.stages[0].procedures[0] is toy.stages[0]  # unrouted stages are shared, not copied
+    net = routed_net(toy, num_procedures=4, routed_stages=[1])
+    assert [s.routed for s in routed_stages(net)] == [False, True, False]
+    assert routed_stages(net)[0].procedures[0] is not toy.stages[0]  # a copy: the source model is never shared
     net.eval()(torch.randn(3, 3, 16, 16))
-    assert (net.last_routes[0] == -1).all() and (net.last_routes[1] >= 0).all()
+    assert (last_routes(net)[0] == -1).all() and (last_routes(net)[1] >= 0).all()
     with pytest.raises(ValueError, match="out of range"):
-        RoutedNetwork.from_backbone(toy, num_procedures=4, routed_stages=[5])
+        routed_net(toy, num_procedures=4, routed_stages=[5])
 
 
 def test_procedures_are_real_copies(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=3)
-    p = [list(proc.parameters())[0] for proc in net.stages[0].procedures]
+    net = routed_net(toy, num_procedures=3)
+    p = [list(proc.parameters())[0] for proc in routed_stages(net)[0].procedures]
     assert p[0] is not p[1] and p[0].data_ptr() != p[1].data_ptr()
-    assert net.stem is toy.stem and net.head is toy.head
+    assert net.stem is not toy.stem and not set(map(id, net.parameters())) & set(map(id, toy.parameters()))
     n_stage = sum(q.numel() for s in toy.stages for q in s.parameters())
-    n_net = sum(q.numel() for s in net.stages for proc in s.procedures for q in proc.parameters())
+    n_net = sum(q.numel() for s in routed_stages(net) for proc in s.procedures for q in proc.parameters())
     assert n_net == 3 * n_stage
 
 
 def test_stem_network_with_attention_then_clone_keeps_attention(toy):
-    stem_net = RoutedNetwork.from_backbone(toy, num_procedures=4, attention=True, routed_stages=())
+    stem_net = routed_net(toy, num_procedures=4, attention=True, routed_stages=())
     assert not is_routed(stem_net)
-    attn = [s.attention for s in stem_net.stages]
+    attn = [s.attention for s in routed_stages(stem_net)]
     assert all(a is not None and a.num_routes == 4 for a in attn)
     x = torch.randn(6, 3, 16, 16)
     # training: random routes -> output depends on the random draw; eval: uniform route code, deterministic
@@ -190,15 +192,16 @@ def test_stem_network_with_attention_then_clone_keeps_attention(toy):
     torch.testing.assert_close(stem_net(x), stem_net(x))
     code = attn[0].route_code(None, 2, "cpu", torch.float32)
     torch.testing.assert_close(code, torch.full((2, 4), 0.25))
-    net = RoutedNetwork.from_backbone(stem_net, num_procedures=4)
-    assert [s.attention for s in net.stages] == attn
+    net = routed_net(stem_net, num_procedures=4)
+    for kept, a in zip((s.attention for s in routed_stages(net)), attn):  # a copy of the trained attention
+        assert kept is not a and all(torch.equal(p, q) for p, q in zip(kept.parameters(), a.parameters()))
     with pytest.raises(ValueError, match="routes"):
-        RoutedNetwork.from_backbone(stem_net, num_procedures=8)
+        routed_net(stem_net, num_procedures=8)
 
 
 def test_se_attention_has_no_route_input(toy):
-    net = RoutedNetwork.from_backbone(toy, num_procedures=1, attention="se", routed_stages=())
-    assert all(s.attention.num_routes == 0 for s in net.stages)
+    net = routed_net(toy, num_procedures=1, attention="se", routed_stages=())
+    assert all(s.attention.num_routes == 0 for s in routed_stages(net))
     net.train()
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(net(x), net(x))  # no random route input
@@ -223,7 +226,7 @@ def test_cloned_optimizer_step_equals_backbone_step(opt_name):
     ref = copy.deepcopy(bb)
     ref_opt = make(ref.parameters())
     ref_opt.load_state_dict(opt.state_dict())
-    net = RoutedNetwork.from_backbone(bb, num_procedures=3, attention=False)
+    net = routed_net(bb, num_procedures=3, attention=False)
     new_opt = clone_optimizer(opt, bb, net)
     assert type(new_opt) is type(opt)
     for bank in memory_banks(net):  # all to procedure 1
@@ -239,28 +242,28 @@ def test_cloned_optimizer_step_equals_backbone_step(opt_name):
     new_opt.step()
     for i, stage in enumerate(ref.stages):
         for j in range(3):
-            for (n1, p1), (n2, p2) in zip(stage.named_parameters(), net.stages[i].procedures[j].named_parameters()):
+            for (n1, p1), (n2, p2) in zip(stage.named_parameters(), routed_stages(net)[i].procedures[j].named_parameters()):
                 if j == 1:  # the procedure that ran: identical to the backbone's step
                     torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(list(net.head.parameters())[0], list(ref.head.parameters())[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(list(net.stem.parameters())[0], list(ref.stem.parameters())[0], rtol=1e-5, atol=1e-6)
     if opt_name == "sgd":  # unused procedures still move with their cloned momentum (as a copy of the stem would)
-        p_unused = list(net.stages[0].procedures[0].parameters())[0]
+        p_unused = list(routed_stages(net)[0].procedures[0].parameters())[0]
         assert p_unused in new_opt.state and "momentum_buffer" in new_opt.state[p_unused]
 
 
 def test_bad_input_errors(toy):
     with pytest.raises(ValueError, match="num_procedures"):
-        RoutedNetwork.from_backbone(toy, num_procedures=0)
-    net = RoutedNetwork.from_backbone(toy, num_procedures=2)
+        routed_net(toy, num_procedures=0)
+    net = routed_net(toy, num_procedures=2)
     with pytest.raises(ValueError, match="channels"):
         net(torch.randn(2, 1, 16, 16))
     with pytest.raises(ValueError, match="too small"):
         net(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="attention"):
-        RoutedNetwork.from_backbone(toy, attention="maybe")
-    with pytest.raises(ValueError, match="stem"):
-        RoutedNetwork.from_backbone(nn.Linear(2, 2))
+        routed_net(toy, attention="maybe")
+    with pytest.raises(ValueError, match="declares no stage_names"):
+        routed_net(nn.Linear(2, 2))
 
 
 def test_users_own_cnn_with_example_input():
@@ -271,10 +274,16 @@ def test_users_own_cnn_with_example_input():
             self.stages = nn.ModuleList([nn.Conv2d(4, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)])
             self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
+        def forward(self, x):
+            x = self.stem(x)
+            for stage in self.stages:
+                x = stage(x)
+            return self.head(x)
+
     x = torch.randn(4, 1, 16, 16)
-    with pytest.raises(ValueError, match="example_input"):
-        RoutedNetwork.from_backbone(MyNet())
+    with pytest.raises(ValueError, match="declares no stage_names"):
+        routed_net(MyNet())
     mine = MyNet()
-    net = RoutedNetwork.from_backbone(mine, num_procedures=3, example_input=x)
+    net = rmn.route(mine, ["stages.0", "stages.1"], num_procedures=3, example_input=x)  # channels from one probe
     assert [b.dim for b in memory_banks(net)] == [4, 8]
     assert net(x).shape == (4, 3)

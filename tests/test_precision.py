@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rmn import RoutedNetwork, kmeans
+from rmn import kmeans
 from rmn.attention import ConditionalAttention
 from rmn.cli import build_parser, parse_overrides
 from rmn.dispatch import dispatch, memory_format
@@ -17,9 +17,11 @@ from rmn.precision import Precision, compile_parts, float32_only, uncompile
 from rmn.recipe.checkpoint import list_checkpoints, load_checkpoint
 from rmn.recipe.config import ConfigError
 from rmn.recipe.runner import run_steps
+from conftest import routed_net
 
 from test_dispatch import make_procs, per_sample_reference
 from test_recipe_resume import Crash, assert_same, crash_in_epoch, result, tiny_cfg
+from rmn.route import last_routes, routed_stages
 
 CL = torch.channels_last
 BF16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -138,21 +140,21 @@ def test_routed_network_under_bf16_channels_last_routes_like_float32(toy):
     """The routes of a channels_last bf16 forward are the float32 routes, but for samples whose two
     nearest memories are closer than bf16's rounding of the stage input (none in this draw)."""
     torch.manual_seed(0)
-    net = RoutedNetwork.from_backbone(toy, 4, attention=True).eval()
+    net = routed_net(toy, 4, attention=True).eval()
     x = torch.randn(64, 3, 16, 16)
     from rmn.analysis.calibrate import init_memories
 
     init_memories(net, x, method="kmeans")
     want = net(x)
-    routes_want = net.last_routes.clone()
+    routes_want = last_routes(net).clone()
     p = Precision("bf16", True, "cpu")
     net_cl = p.model(copy.deepcopy(net))
     with p.autocast():
         got = net_cl(p.batch(x))
-    agree = (net_cl.last_routes == routes_want).float().mean()
+    agree = (last_routes(net_cl) == routes_want).float().mean()
     assert float(agree) > 0.95
     assert got.dtype == torch.bfloat16
-    same = (net_cl.last_routes == routes_want).all(0)
+    same = (last_routes(net_cl) == routes_want).all(0)
     torch.testing.assert_close(got.float()[same], want[same], rtol=0.1, atol=0.1)
 
 
@@ -205,10 +207,10 @@ def test_bf16_training_reaches_float32s_accuracy(tmp_path):
 
 def test_compiled_parts_equal_eager_and_uncompile_makes_copies_safe(toy):
     torch.manual_seed(0)
-    net = RoutedNetwork.from_backbone(toy, 2, attention=False).eval()
+    net = routed_net(toy, 2, attention=False).eval()
     x = torch.randn(6, 3, 16, 16)
     with torch.no_grad():
-        net.stages[0].memory.set_memories(torch.randn(2, net.stage_channels[0]))
+        routed_stages(net)[0].memory.set_memories(torch.randn(2, net.stage_channels[0]))
         want = net(x)
         compiled = compile_parts(copy.deepcopy(net))
         got = compiled(x)

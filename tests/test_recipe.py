@@ -22,7 +22,7 @@ from rmn.recipe.config import load_config
 from rmn.recipe.runner import run_steps
 from rmn.recipe.run import RecipeError, Run
 from rmn.recipe.steps import clone, init_memory, train_baseline, train_routed, train_stem
-from rmn.route import is_routed, memory_banks
+from rmn.route import is_routed, memory_banks, routed_stages
 
 STEPS_PER_EPOCH = 1437 // 256  # 5, the last partial batch is dropped
 
@@ -49,9 +49,9 @@ def stage_features(model, data, image_size):
     """Each stage's GAP'd input over the un-augmented training set, read with forward pre-hooks on the
     plain (stem) network in eval mode: independent of the recipe's own feature pass. Batches of 512
     (data.eval_batch_size) as the recipe's, so the convolutions see the same batches: bit-identical."""
-    feats = [[] for _ in model.stages]
+    feats = [[] for _ in routed_stages(model)]
     hooks = [s.register_forward_pre_hook(lambda m, inp, i=i: feats[i].append(inp[0].mean(dim=(2, 3))))
-             for i, s in enumerate(model.stages)]
+             for i, s in enumerate(routed_stages(model))]
     loader = build_loader(data.train, 512, train=False, augment=False, image_size=image_size)
     model.eval()
     with torch.no_grad():

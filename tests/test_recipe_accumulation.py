@@ -34,7 +34,7 @@ from rmn.data.loader import TensorLoader
 from rmn.recipe.config import load_config
 from rmn.recipe.run import Run
 from rmn.recipe.steps import clone, init_memory, train_routed, train_stem
-from rmn.route import memory_banks
+from rmn.route import memory_banks, routed_stages
 
 
 class Stop(Exception):
@@ -50,10 +50,10 @@ def one_routed_step(cfg, capture: bool = False):
     clone(run)
     init_memory(run)
     before = [b.memories.clone() if b is not None else None for b in memory_banks(run.model)]
-    seen = [[] for _ in run.model.stages]
+    seen = [[] for _ in routed_stages(run.model)]
     hooks = []
     if capture:
-        for i, stage in enumerate(run.model.stages):
+        for i, stage in enumerate(routed_stages(run.model)):
             if stage.routed:
                 hooks.append(stage.register_forward_pre_hook(
                     lambda m, inp, i=i: seen[i].append(inp[0].detach().mean(dim=(2, 3))) if m.training else None))

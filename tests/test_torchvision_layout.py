@@ -8,12 +8,16 @@ scale_activation``). Where torchvision itself is importable, the same checks als
 """
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import rmn
-from rmn import RoutedNetwork, clone_optimizer
+from rmn import clone_optimizer
 
 from torchvision_layout import ResNet18, ResNet50, efficientnet_b0, randomize_batchnorm, vgg16_bn
 
@@ -88,7 +92,7 @@ def test_torchvision_itself():
 
 
 # ---------------------------------------------------------------------------------------------
-# routed stages by name, and the stem/stages/head views RoutedNetwork reads
+# routed stages by name; rmn 0.1's checkpoint names
 
 
 def test_stage_names():
@@ -102,30 +106,36 @@ def test_stage_names():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_views_are_not_registered_and_cover_every_tensor_once(name):
+def test_every_module_is_reachable_once(name):
     model = rmn.create_backbone(name, num_classes=10, image_size=32, width_mult=0.125)
     names = [n for n, _ in model.named_modules(remove_duplicate=False)]
     assert len(names) == len(list(model.named_modules()))  # no module reachable twice
-    assert not any(n.split(".")[0] in ("stem", "stages", "head") for n in names + list(model.state_dict()))
-    stem_net = RoutedNetwork.from_backbone(model, num_procedures=2, attention=False, routed_stages=())
-    assert [id(p) for p in stem_net.parameters()] == [id(p) for p in model.parameters()]  # same tensors, same order
 
 
-# Keys of the RoutedNetwork each backbone gave before the rename (first, a stage's first, last): unchanged.
-ROUTED_KEYS = {
-    "resnet18": ("stem.0.weight", "stages.0.procedures.1.0.conv1.weight", "head.2.bias"),
-    "resnet50": ("stem.0.weight", "stages.1.procedures.1.0.downsample.1.running_var", "head.2.bias"),
-    "vgg16": ("stem.0.weight", "stages.0.procedures.1.1.weight", "head.9.bias"),
-    "efficientnet_b0": ("stem.0.weight", "stages.0.procedures.1.0.0.block.1.fc1.weight", "head.3.bias"),
-}
+# rmn 0.1 checkpoints named the routed network's tensors stem.* / stages.i.* / head.*
+LEGACY_RUN = Path(__file__).resolve().parent / "data" / "rmn-0.1-run"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_routed_network_keys_unchanged(name):
-    model = rmn.create_backbone(name, num_classes=10, image_size=32, width_mult=0.125)
-    keys = list(RoutedNetwork.from_backbone(model, num_procedures=2, attention=False).state_dict())
-    first, inside, last = ROUTED_KEYS[name]
-    assert keys[0] == first and inside in keys and keys[-1] == last
+def test_a_run_written_by_rmn_0_1_still_evaluates_to_its_summary(tmp_path):
+    """tests/data/rmn-0.1-run: a digits run (ResNet-18 at width 1/32, N=2, CA, two epochs) written by rmn
+    at 524e1a3, before the backbones kept torchvision's names. Its checkpoint loads under the new names and
+    evaluates to exactly the accuracy the run reported."""
+    from rmn.recipe.evaluate import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY_RUN, run)
+    summary = json.loads((run / "summary.json").read_text())
+    result = evaluate_checkpoint(run, device="cpu")
+    assert (result["eval_top1"], result["eval_top5"]) == (summary["eval_top1"], summary["eval_top5"])
+
+
+def test_only_the_0_1_layout_is_renamed():
+    from rmn.recipe.checkpoint import legacy_renamed
+
+    net = rmn.route(rmn.create_backbone("resnet18", num_classes=10, image_size=32, width_mult=0.125), None, 2, "none")
+    state = net.state_dict()
+    assert legacy_renamed(state, net) is None  # today's names: nothing to do
+    assert legacy_renamed({"stem.0.weight": state["conv1.weight"]}, net) is None  # not the whole model: no guess
 
 
 def test_clone_optimizer_from_a_named_backbone_copies_every_state():
@@ -134,12 +144,12 @@ def test_clone_optimizer_from_a_named_backbone_copies_every_state():
     opt = torch.optim.SGD(bb.parameters(), lr=0.1, momentum=0.9)
     nn.functional.cross_entropy(bb(torch.randn(8, 1, 16, 16)), torch.randint(5, (8,))).backward()
     opt.step()
-    net = RoutedNetwork.from_backbone(bb, num_procedures=2, attention=False)
+    net = rmn.route(bb, None, 2, attention=False)
     new = clone_optimizer(opt, bb, net)
     source = dict(bb.named_parameters())
-    assert len(net.clone_sources) == len(list(net.parameters()))
+    sources = net.rmn_routing.clone_sources
     for name, p in net.named_parameters():
-        want = opt.state[source[net.clone_sources[name]]]["momentum_buffer"]
+        want = opt.state[source[sources.get(name, name)]]["momentum_buffer"]
         assert torch.equal(new.state[p]["momentum_buffer"], want), name
 
 

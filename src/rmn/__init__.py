@@ -6,7 +6,6 @@ from .dispatch import dispatch
 from .features import MemoryInit, init_memories
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
-from .network import RoutedNetwork
 from .route import Routing, last_routes, route, routed_stages, update_memories
 from .stage import RoutedStage
 from .training import clone_optimizer
@@ -17,7 +16,6 @@ __all__ = [
     "Backbone",
     "ConditionalAttention",
     "MemoryBank",
-    "RoutedNetwork",
     "RoutedStage",
     "Routing",
     "clone_optimizer",

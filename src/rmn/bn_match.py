@@ -37,7 +37,7 @@ def _norms(module: nn.Module) -> list[nn.BatchNorm2d]:
 
 @torch.no_grad()
 def match_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], min_samples: int = 2) -> int:
-    """Match the procedures' BatchNorm layers of a freshly cloned ``RoutedNetwork`` to their clusters.
+    """Match the procedures' BatchNorm layers of a freshly cloned routed model to their clusters.
 
     ``batches`` are input images (the un-augmented training set, as step 3 uses); samples are
     assigned to clusters by the memories, so call this once they are initialised. The statistics

@@ -64,7 +64,7 @@ def stage_entries(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Modul
     """``(stage, first, last)`` per stage, in forward order: the stage's module (what holds its memory),
     and the modules whose input and output are the stage's. A model routed by :func:`rmn.route` names its
     routed stages; a model declaring ``stage_names`` (rmn's backbones, a user's CNN) names its stages, a
-    group of consecutive modules being one stage; else ``model.stages`` (a ``RoutedNetwork``)."""
+    group of consecutive modules being one stage."""
     routing = getattr(model, "rmn_routing", None)
     if routing is not None:
         return [(m, m, m) for m in (model.get_submodule(n) for n in routing.stages)]
@@ -76,11 +76,8 @@ def stage_entries(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Modul
             first, last = model.get_submodule(g[0]), model.get_submodule(g[-1])
             entries.append((first if len(g) == 1 else None, first, last))
         return entries
-    stages = getattr(model, "stages", None)
-    if stages is None:
-        raise ValueError(f"{type(model).__name__} has no stages: route it with rmn.route(model, stages), "
-                         "or declare stage_names")
-    return [(m, m, m) for m in stages]
+    raise ValueError(f"{type(model).__name__} has no stages: route it with rmn.route(model, stages), "
+                     "or declare stage_names")
 
 
 def resolve_path(model: nn.Module, path: str = "auto") -> str:

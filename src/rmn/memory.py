@@ -19,7 +19,7 @@ lets procedures die:
 * revival: a memory whose load share stays at or below ``revive_threshold`` for ``revive_after``
   consecutive steps is re-seeded by splitting the most loaded memory along the per-dimension
   spread of its samples: ``m_dead = mu + d``, ``m_donor = mu - d``, ``d = split_scale * sigma``.
-  The network may also re-clone the procedure (see ``RoutedNetwork.update_memories``).
+  The network may also re-clone the procedure (see :func:`rmn.training.reclone_procedure`).
 
 Every decision is taken on all-reduced statistics, so all ranks revive the same memories.
 """

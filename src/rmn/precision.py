@@ -111,7 +111,7 @@ def compile_parts(model: nn.Module) -> nn.Module:
     """Compile every procedure of ``model``'s routed stages, and every module outside them, in place
     (parameter names do not change); the routing and attention stay eager, a graph break by construction.
 
-    Accepts any routed model (:func:`rmn.route`, a ``RoutedNetwork``). Call :func:`uncompile` before
+    Accepts any routed model (:func:`rmn.route`). Call :func:`uncompile` before
     deep-copying a compiled model (cloning does)."""
     import torch._dynamo
 

@@ -74,12 +74,8 @@ def attention_kind(attention: bool | str | None) -> str | None:
 
 
 def routed_stages(model: nn.Module) -> list[RoutedStage]:
-    """The stages of a routed model (:func:`route`, or a ``RoutedNetwork``) in forward order, unrouted
-    ones (one procedure, no memory) included: index ``i`` is stage ``i`` everywhere in rmn."""
-    routing = getattr(model, "rmn_routing", None)
-    if routing is None and isinstance(getattr(model, "stages", None), nn.ModuleList):
-        if all(isinstance(s, RoutedStage) for s in model.stages):
-            return list(model.stages)
+    """The stages of a routed model (:func:`route`) in forward order, unrouted ones (one procedure, no
+    memory) included: index ``i`` is stage ``i`` everywhere in rmn."""
     return [model.get_submodule(name) for name in routing_of(model).stages]
 
 
@@ -111,6 +107,11 @@ def reset_load(model: nn.Module) -> None:
     for bank in memory_banks(model):
         if bank is not None:
             bank.reset_load()
+
+
+def has_routing(model: nn.Module) -> bool:
+    """Whether ``model`` was made by :func:`route` (plain network of step 1 included)."""
+    return isinstance(getattr(model, "rmn_routing", None), Routing)
 
 
 def routing_of(model: nn.Module) -> Routing:
@@ -188,7 +189,7 @@ def route(
         groups, chosen = previous.groups, _chosen_stages(previous, stages)
         ins, outs = list(previous.stage_channels), list(previous.out_channels)
     else:
-        groups = _stage_groups(model, stages)
+        groups = stage_groups(model, stages)
         chosen = set(range(len(groups)))
     out = model if inplace else copy.deepcopy(model)
     # a routed model's stage sits in its group's first place (the others are Identity)
@@ -205,7 +206,7 @@ def route(
             stage, sources = build_stage(source, num_procedures, clone, kind, ins[i], outs[i], attention_reduction,
                                          attention_init, memory_momentum, memory_options, name=group[0])
             stage.auto_update = True
-            _replace(out, group, stage)
+            replace_stage(out, group, stage)
         for pname, src in sources.items():
             routing.clone_sources[f"{group[0]}.{pname}"] = _source_name(group, src, previous is not None)
     out.rmn_routing = routing
@@ -278,8 +279,8 @@ def _attention(kind, source, channels, num_routes, reduction, init, name, device
     return attn
 
 
-def _stage_groups(model: nn.Module, stages: Sequence[StageSpec] | None) -> list[list[str]]:
-    """``stages`` checked: every name a submodule, a group's members consecutive children of one parent."""
+def stage_groups(model: nn.Module, stages: Sequence[StageSpec] | None) -> list[list[str]]:
+    """``stages`` (default: ``model.stage_names``) as lists of names, checked: every name a submodule, a group's members consecutive children of one parent."""
     if stages is None:
         stages = getattr(model, "stage_names", None)
         if stages is None:
@@ -313,7 +314,8 @@ def _stage_groups(model: nn.Module, stages: Sequence[StageSpec] | None) -> list[
     return groups
 
 
-def _replace(model: nn.Module, group: list[str], stage: nn.Module) -> None:
+def replace_stage(model: nn.Module, group: list[str], stage: nn.Module) -> None:
+    """Put ``stage`` where the group's first module sits and ``nn.Identity`` in the others' places."""
     for k, name in enumerate(group):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -5,8 +5,8 @@
 * :func:`reclone_procedure` -- a revived memory gets its donor's procedure, weights and optimizer state;
 * :func:`drop_idle_gradients`, :func:`scale_procedure_gradients` -- per-step gradient bookkeeping.
 
-The model itself knows nothing of optimizers: these functions take a routed model (:func:`rmn.route`, or a
-``RoutedNetwork``) and reach its stages through :func:`rmn.routed_stages`.
+The model itself knows nothing of optimizers: these functions take a routed model (:func:`rmn.route`) and
+reach its stages through :func:`rmn.routed_stages`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import inspect
 import torch
 from torch import nn
 
-from .route import routed_stages
+from .route import routed_stages, routing_of
 
 
 def _copy_state(state: dict) -> dict:
@@ -30,8 +30,7 @@ def clone_optimizer(optimizer: torch.optim.Optimizer, source: nn.Module, routed:
     Parameters with no counterpart in ``source`` (a freshly built attention) start with empty state
     in the first parameter group.
     """
-    routing = getattr(routed, "rmn_routing", None)  # a model routed by rmn.route, or a RoutedNetwork
-    clone_sources = routing.clone_sources if routing is not None else routed.clone_sources
+    clone_sources = routing_of(routed).clone_sources
     src_params = dict(source.named_parameters())
     group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..backbones import create_backbone
 from ..cost import count_params, macs_per_image
-from ..network import RoutedNetwork
+from ..route import route
 
 PRETTY = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vgg16": "VGG-16", "efficientnet_b0": "EfficientNet-B0"}
 
@@ -78,10 +78,10 @@ def cost_table(
         if key == "backbone":
             model, label, n = bb, pretty, 1
         elif not routed:
-            model = RoutedNetwork.from_backbone(bb, num_procedures=1, attention=attention, routed_stages=())
+            model = route(bb, None, 1, attention, clone=False, attention_init="random")
             label, n = pretty + suffix, 1
         else:
-            model = RoutedNetwork.from_backbone(bb, num_procedures=num_procedures, attention=attention)
+            model = route(bb, None, num_procedures, attention, attention_init="random")
             label, n = f"{pretty} {suffix} (N={num_procedures})", num_procedures
         rows.append(_row(label, name, key, n, model.eval(), shape, batch))
         del model

@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import create_backbone
-from ..network import RoutedNetwork
 from .calibrate import memories_for_shares
 from .cost import write_report
 from .latency import _loadavg, _summary, environment, interleaved_times, varied_images
-from ..route import memory_banks
+from ..route import has_routing, last_routes, memory_banks, replace_stage, route, stage_groups
 
 TARGETS = {"b1_eval": 1.03, "cifar_eval": 1.08, "cifar_train": 1.15}
 SHARES = {"uniform": [1 / 8] * 8, "skewed": [0.7] + [0.3 / 7] * 7}
@@ -52,25 +51,31 @@ def _observed(routes: list[torch.Tensor], n: int) -> list[list[int]]:
     return [torch.bincount(row[row >= 0], minlength=n).tolist() for row in r]
 
 
-class SplitBackbone(torch.nn.Module):
-    """Reference for the dispatch cost: the *plain* backbone with every stage run on the same
+class _Split(torch.nn.Module):
+    """One stage run on consecutive sub-batches of the given sizes, then concatenated."""
+
+    def __init__(self, stage: torch.nn.Module, counts: Sequence[int]) -> None:
+        super().__init__()
+        self.stage = stage
+        self.counts = [int(c) for c in counts if c > 0]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.stage(c) for c in h.split(self.counts)]) if len(self.counts) > 1 else self.stage(h)
+
+
+def split_backbone(backbone: torch.nn.Module, counts: Sequence[int]) -> torch.nn.Module:
+    """Reference for the dispatch cost: a copy of the *plain* backbone whose every stage runs on the same
     contiguous sub-batches the routed network would form (sizes ``counts``), then concatenated.
 
     Same kernels and sub-batch sizes as RMN, but no routing, no permutation and a single set of
-    weights: RMN / SplitBackbone isolates what dispatch itself costs, separately from the effect of
+    weights: RMN / split backbone isolates what dispatch itself costs, separately from the effect of
     smaller per-procedure batches. (In training mode BatchNorm sees per-chunk statistics, as in RMN.)
     """
-
-    def __init__(self, backbone: torch.nn.Module, counts: Sequence[int]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.counts = [int(c) for c in counts if c > 0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.backbone.stem(x)
-        for stage in self.backbone.stages:
-            h = torch.cat([stage(c) for c in h.split(self.counts)]) if len(self.counts) > 1 else stage(h)
-        return self.backbone.head(h)
+    model = copy.deepcopy(backbone)
+    for group in stage_groups(model, None):
+        mods = [model.get_submodule(n) for n in group]
+        replace_stage(model, group, _Split(mods[0] if len(mods) == 1 else torch.nn.Sequential(*mods), counts))
+    return model
 
 
 def _models(image_size: int, n: int, attention, width_mult: float, seed: int):
@@ -78,7 +83,7 @@ def _models(image_size: int, n: int, attention, width_mult: float, seed: int):
     bb = create_backbone("resnet18", 100 if image_size <= 64 else 1000, image_size=image_size, width_mult=width_mult)
     nets = {"backbone": bb}
     for kind in ("uniform", "skewed"):
-        nets[kind] = RoutedNetwork.from_backbone(bb, num_procedures=n, attention=attention)
+        nets[kind] = route(bb, None, n, attention, attention_init="random")
     return nets
 
 
@@ -95,8 +100,8 @@ def bench_eval(nets: dict, x_pool: torch.Tensor, batch: int, n: int, repeats: in
         def fn(i):
             start = (i * batch) % pool
             m(x_pool[start:start + batch])
-            if isinstance(m, RoutedNetwork):
-                seen[key].append(m.last_routes)
+            if has_routing(m):
+                seen[key].append(last_routes(m))
         return fn
 
     log(f"  eval, batch {batch}: {repeats} rounds x {inner} pass(es), warm-up {warmup}")
@@ -127,8 +132,8 @@ def bench_train(nets: dict, x: torch.Tensor, y: torch.Tensor, n: int, repeats: i
             loss = F.cross_entropy(m(x), y)
             loss.backward()
             opt.step()
-            if isinstance(m, RoutedNetwork):
-                seen[key].append(m.last_routes)
+            if has_routing(m):
+                seen[key].append(last_routes(m))
         return fn
 
     log(f"  train step, batch {x.shape[0]}: {repeats} rounds, warm-up {warmup}")
@@ -169,7 +174,7 @@ def run_dispatch(
     split_reference: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """See the module docstring. ``split_reference`` adds the :class:`SplitBackbone` references
+    """See the module docstring. ``split_reference`` adds the :func:`split_backbone` references
     (plain backbone on the same sub-batches) to the batch-256 cases."""
     if threads:
         torch.set_num_threads(threads)
@@ -191,8 +196,8 @@ def run_dispatch(
             from .calibrate import _counts_from_shares
 
             for kind in ("uniform", "skewed"):
-                nets[f"split_{kind}"] = SplitBackbone(
-                    copy.deepcopy(nets["backbone"]), _counts_from_shares(_shares(kind, num_procedures), cifar_batch))
+                nets[f"split_{kind}"] = split_backbone(
+                    nets["backbone"], _counts_from_shares(_shares(kind, num_procedures), cifar_batch))
         results["cifar_eval"] = bench_eval(nets, x, cifar_batch, num_procedures, cifar_eval_repeats, warmup, 1, log)
         results["cifar_train"] = bench_train(nets, x, y, num_procedures, cifar_train_repeats, warmup, log)
         del nets

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..backbones import create_backbone
-from ..network import RoutedNetwork
+from ..route import has_routing, route
 from .calibrate import init_memories, measure_route_counts
 from .cost import pretty_name, write_report
 
@@ -76,7 +76,7 @@ def build_variants(
             model = bb
         elif key in ("rmn", "rmn_ca", "rmn_se", "rmn_one"):
             attention = {"rmn": False, "rmn_ca": True, "rmn_se": "se", "rmn_one": False}[key]
-            model = RoutedNetwork.from_backbone(bb, num_procedures=num_procedures, attention=attention).eval()
+            model = route(bb, None, num_procedures, attention, attention_init="random").eval()
             # "rmn_one" keeps its all-zero memories: every image ties and takes procedure 0, which
             # isolates the routing work from the cost of touching N different weight copies.
             if calibration is not None and key != "rmn_one":
@@ -159,7 +159,7 @@ def bench_backbone(
     result: dict[str, Any] = {"model": name, "image_size": image_size, "width_mult": width_mult,
                               "variants": {}, "routes": {}}
     for key, m in models.items():
-        if isinstance(m, RoutedNetwork):
+        if has_routing(m):
             result["routes"][key] = measure_route_counts(m, images[:pool])
     for bs in batch_sizes:
         reps = repeats[bs] if isinstance(repeats, dict) else repeats

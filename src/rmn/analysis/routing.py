@@ -5,7 +5,7 @@ Two sources of routes:
 * a load vector ``[N]`` (samples per memory), e.g. ``MemoryBank.load`` -- the count of *training*
   samples routed since the last ``reset_load()`` (the recipe resets it every epoch, so a memory with
   load 0 is a procedure that received no sample in the last epoch: "dead");
-* a route tensor ``[S, B]`` such as ``RoutedNetwork.last_routes`` (-1 marks an unrouted stage),
+* a route tensor ``[S, B]`` such as ``rmn.last_routes(model)`` (-1 marks an unrouted stage),
   together with labels ``[B]`` for the class-by-memory counts and each memory's class purity.
 
 Definitions (N memories, load ``n_j``, total ``T = sum n_j``; :func:`rmn.memory.load_stats` computes the

@@ -87,11 +87,8 @@ class NamedBackbone(nn.Module):
     * ``in_channels``, ``min_image_size`` (smallest input side accepted) and ``info``;
     * ``classifier_name``: the layer that produces the logits (its shape depends on ``num_classes``).
 
-    ``stem``, ``stages`` and ``head`` are the three-phase layout :class:`rmn.RoutedNetwork` reads:
-    views built on every access over the same modules (``stem`` = what runs before the first stage,
-    ``head`` = what runs after the last). They are never registered, so neither ``state_dict()`` nor
-    ``named_modules()`` lists a module twice. Each stage view is the named module itself, or an
-    ``nn.Sequential`` of a group's modules.
+    :func:`rmn.route` finds the stages by these names and replaces them in place; the model's own
+    ``forward`` runs unchanged.
     """
 
     stage_names: list[str | list[str]]
@@ -121,31 +118,15 @@ class NamedBackbone(nn.Module):
         """Reject inputs the architecture cannot take, with a message that says why."""
         check_image_input(x, self.in_channels, self.min_image_size)
 
-    def _stem_modules(self) -> list[nn.Module]:
+    def stem_modules(self) -> list[nn.Module]:
+        """The paper's stem P0, what runs before the first stage, in order (rmn 0.1 saved them as ``stem.0``,
+        ``stem.1``, ...: its checkpoints are read through this list)."""
         raise NotImplementedError
 
-    def _head_modules(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
+        """The classifier, what runs after the last stage, in order (rmn 0.1's ``head.0``, ...); a module made
+        on the fly (``nn.Flatten``) stands for the flatten of the forward."""
         raise NotImplementedError
-
-    def _view(self, names: str | list[str]) -> nn.Module:
-        if isinstance(names, str):
-            return self.get_submodule(names)
-        return nn.Sequential(*(self.get_submodule(n) for n in names))
-
-    @property
-    def stem(self) -> nn.Sequential:
-        """Bridge view (the layout RoutedNetwork reads): everything before the first stage."""
-        return nn.Sequential(*self._stem_modules())
-
-    @property
-    def stages(self) -> list[nn.Module]:
-        """Bridge views (the layout RoutedNetwork reads): one module per entry of ``stage_names``."""
-        return [self._view(names) for names in self.stage_names]
-
-    @property
-    def head(self) -> nn.Sequential:
-        """Bridge view (the layout RoutedNetwork reads): everything after the last stage."""
-        return nn.Sequential(*self._head_modules())
 
 
 class FeaturesBackbone(NamedBackbone):

@@ -219,10 +219,10 @@ class EfficientNet(FeaturesBackbone):
                       make_info("efficientnet_b0", num_classes, image_size, in_channels, width_mult))
         _init_weights(self)
 
-    def _stem_modules(self) -> list[nn.Module]:
+    def stem_modules(self) -> list[nn.Module]:
         return list(self.features[0])
 
-    def _head_modules(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
         return [self.avgpool, nn.Flatten(1), *self.classifier]
 
 

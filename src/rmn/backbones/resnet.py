@@ -160,10 +160,10 @@ class ResNet(NamedBackbone):
         x = torch.flatten(x, 1)
         return self.fc(x)
 
-    def _stem_modules(self) -> list[nn.Module]:
+    def stem_modules(self) -> list[nn.Module]:
         return [self.conv1, self.bn1, self.relu, self.maxpool]
 
-    def _head_modules(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
         return [self.avgpool, nn.Flatten(1), self.fc]
 
 

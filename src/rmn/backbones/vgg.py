@@ -106,10 +106,10 @@ class VGG(FeaturesBackbone):
                       make_info("vgg16", num_classes, image_size, in_channels, width_mult))
         _init_weights(self)
 
-    def _stem_modules(self) -> list[nn.Module]:
+    def stem_modules(self) -> list[nn.Module]:
         return list(self.features[: self._stem_end])
 
-    def _head_modules(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
         return [self.features[-1], self.avgpool, nn.Flatten(1), *self.classifier]
 
 

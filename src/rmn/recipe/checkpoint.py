@@ -327,7 +327,7 @@ def load_model_state(model: torch.nn.Module, ckpt: Checkpoint) -> None:
     """``model.load_state_dict`` that names the checkpoint and says in one line how its tensors and the
     model its header describes disagree (instead of a KeyError or a page of size mismatches)."""
     want = model.state_dict()
-    got = ckpt.model_state
+    got = legacy_renamed(ckpt.model_state, model) or ckpt.model_state
     missing = [k for k in want if k not in got]
     unexpected = [k for k in got if k not in want]
     shapes = [k for k in want if k in got and tuple(got[k].shape) != tuple(want[k].shape)]
@@ -340,6 +340,33 @@ def load_model_state(model: torch.nn.Module, ckpt: Checkpoint) -> None:
         raise _bad(ckpt.path, f"its tensors do not fit the {cfg.get('backbone', '?')} model its header describes "
                               f"(phase {ckpt.meta.get('phase')!r}); weights " + ", ".join(x for x in parts if x))
     model.load_state_dict(got)
+
+
+LEGACY_SECTIONS = ("stem", "stages", "head")
+
+
+def legacy_renamed(got: dict, model: torch.nn.Module) -> dict | None:
+    """A checkpoint of rmn 0.1 (``stem.* / stages.i.* / head.*``: the layout of its ``RoutedNetwork``, before
+    the backbones kept torchvision's names) under the names of ``model``; None for any other checkpoint.
+    The backbone lists what 0.1 called its stem and head (``stem_modules``), the routed stages are
+    ``model.rmn_routing.stages``: every old name maps to exactly one new one."""
+    if not got or not all(k.split(".", 1)[0] in LEGACY_SECTIONS for k in got):
+        return None
+    stem, head = getattr(model, "stem_modules", None), getattr(model, "head_modules", None)
+    routing = getattr(model, "rmn_routing", None)
+    if stem is None or head is None or routing is None:
+        return None
+    where = {id(m): name for name, m in model.named_modules()}
+    names: dict[str, str] = {}
+    for section, modules in (("stem", stem()), ("head", head())):
+        for j, m in enumerate(modules):
+            if id(m) in where:  # a module made on the fly (nn.Flatten) holds no tensor
+                names.update({f"{section}.{j}.{k}": f"{where[id(m)]}.{k}" for k in m.state_dict()})
+    for i, stage in enumerate(routing.stages):
+        names.update({f"stages.{i}.{k}": f"{stage}.{k}" for k in model.get_submodule(stage).state_dict()})
+    if set(got) != set(names):
+        return None
+    return {names[k]: v for k, v in got.items()}
 
 
 def checkpoint_config(ckpt: Checkpoint):
