@@ -41,7 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's rmn, whichever environment runs the script
 
-from rmn.analysis.calibrate import init_memories, measure_route_counts  # noqa: E402
+from rmn.analysis.calibrate import calibrate_memories, measure_route_counts  # noqa: E402
 from rmn.analysis.latency import interleaved_times, varied_images  # noqa: E402
 from rmn.backbones import create_backbone  # noqa: E402
 from rmn.precision import Precision, compile_parts  # noqa: E402
@@ -100,8 +100,8 @@ def build_pair(model: str, num_procedures: int, attention: str | None, calib: to
     rmn = route(base, None, num_procedures)
     # memories from the features of the mode timed: procedures' BatchNorm sees slice statistics in training
     rmn_eval = copy.deepcopy(rmn)
-    init_memories(rmn, calib[: 2 * batch], method="kmeans", train=True)
-    init_memories(rmn_eval, calib[: 2 * batch], method="kmeans", train=False)
+    calibrate_memories(rmn, calib[: 2 * batch], method="kmeans", train=True)
+    calibrate_memories(rmn_eval, calib[: 2 * batch], method="kmeans", train=False)
     return {"baseline": base, "rmn": rmn, "rmn_eval": rmn_eval}
 
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from rmn.analysis.atlas import grid_size, memory_atlas, nearest_images
-from rmn.analysis.calibrate import init_memories
+from rmn.analysis.calibrate import calibrate_memories
 from rmn.route import memory_banks
 from conftest import routed_net
 from rmn.route import set_auto_update
@@ -34,7 +34,7 @@ def atlas_setup(toy):
     torch.manual_seed(1)
     net = routed_net(toy, num_procedures=3, attention=True).eval()
     images = torch.randn(24, 3, 16, 16)
-    init_memories(net, images, method="random", seed=0)
+    calibrate_memories(net, images, method="random", seed=0)
     display = torch.rand(24, 3, 16, 16)
     labels = torch.arange(24) % 5
     return net, images, display, labels

@@ -3,7 +3,7 @@ import torch
 
 from rmn import create_backbone
 from rmn.analysis.cost import count_params, cost_table, format_table, macs_per_image, rows_to_csv, write_json
-from rmn.analysis.calibrate import init_memories
+from rmn.analysis.calibrate import calibrate_memories
 from rmn.analysis.features import stage_inputs
 from rmn.route import memory_banks
 from conftest import routed_net, stages_of
@@ -24,7 +24,7 @@ def test_routed_macs_equal_backbone_within_1pct(name, size):
     base = macs_per_image(bb, inputs=x)
     for attention in (False, True):
         net = routed_net(bb, num_procedures=8, attention=attention).eval()
-        init_memories(net, x, method="random")  # samples spread over procedures: the executed path counts
+        calibrate_memories(net, x, method="random")  # samples spread over procedures: the executed path counts
         with torch.no_grad():
             net(x)
         assert last_routes(net)[0].unique().numel() > 1  # several procedures really ran

@@ -142,9 +142,9 @@ def test_routed_network_under_bf16_channels_last_routes_like_float32(toy):
     torch.manual_seed(0)
     net = routed_net(toy, 4, attention=True).eval()
     x = torch.randn(64, 3, 16, 16)
-    from rmn.analysis.calibrate import init_memories
+    from rmn.analysis.calibrate import calibrate_memories
 
-    init_memories(net, x, method="kmeans")
+    calibrate_memories(net, x, method="kmeans")
     want = net(x)
     routes_want = last_routes(net).clone()
     p = Precision("bf16", True, "cpu")

@@ -1,7 +1,7 @@
 """Set the memories of a routed network from a batch, for benchmarks and demos with random weights
 (recipe step 3 on a trained network is :func:`rmn.init_memories`).
 
-* :func:`init_memories` -- k-means (the paper's step 3, on a calibration batch) or Forgy random
+* :func:`calibrate_memories` -- k-means (the paper's step 3, on a calibration batch) or Forgy random
   init (N distinct samples' features), stage after stage in one pass, so routes vary.
 * :func:`memories_for_shares` -- memories that split a given batch over the procedures in chosen
   proportions (e.g. uniform, or 70% to one memory), for dispatch benchmarks.
@@ -53,7 +53,7 @@ def _stagewise(net: nn.Module, x: torch.Tensor, choose, train: bool) -> None:
         net.train(was_training)
 
 
-def init_memories(net: nn.Module, x: torch.Tensor, method: str = "kmeans", seed: int = 0, train: bool = False) -> None:
+def calibrate_memories(net: nn.Module, x: torch.Tensor, method: str = "kmeans", seed: int = 0, train: bool = False) -> None:
     """Memories from the stage features of the calibration batch ``x``.
 
     ``method="kmeans"``: k-means centres (k = N); ``"random"``: N distinct random samples' features.

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..backbones import create_backbone
 from ..route import has_routing, route
-from .calibrate import init_memories, measure_route_counts
+from .calibrate import calibrate_memories, measure_route_counts
 from .cost import pretty_name, write_report
 
 VARIANT_LABELS = {"backbone": "backbone", "rmn": "RMN without CA", "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE",
@@ -80,7 +80,7 @@ def build_variants(
             # "rmn_one" keeps its all-zero memories: every image ties and takes procedure 0, which
             # isolates the routing work from the cost of touching N different weight copies.
             if calibration is not None and key != "rmn_one":
-                init_memories(model, calibration, method="kmeans", seed=seed)
+                calibrate_memories(model, calibration, method="kmeans", seed=seed)
         else:
             raise ValueError(f"unknown variant {key!r}: choose from {sorted(VARIANT_LABELS)}")
         out[key] = model.to(device).eval()
