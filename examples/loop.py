@@ -6,11 +6,26 @@ models take them; swap in your own DataLoader.
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmn.data import load_digits_dataset
+
+
+def options(doc: str, procedures: int, lr: float, argv: list[str] | None = None) -> argparse.Namespace:
+    """The examples' command line: ``--pretrained --procedures --epochs --image-size --batch-size --lr --max-steps``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
+    p.add_argument("--procedures", type=int, default=procedures, help="N, procedures per stage")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each training step")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--max-steps", type=int, default=None, help="stop each training step after this many batches")
+    return p.parse_args(argv)
 
 
 def digits(split: str, image_size: int) -> TensorDataset:

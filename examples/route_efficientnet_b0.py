@@ -11,7 +11,6 @@ model in one call (plain network and clone at once) and fine-tunes it; route_res
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,22 +19,14 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rmn  # noqa: E402
-from loop import accuracy, loaders, train  # noqa: E402
+from loop import accuracy, loaders, options, train  # noqa: E402
 
 STAGES = [["features.1"], ["features.2"], ["features.3"], ["features.4", "features.5"],
           ["features.6", "features.7", "features.8"]]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
-    p.add_argument("--procedures", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many batches")
-    args = p.parse_args(argv)
+    args = options(__doc__, procedures=4, lr=0.01, argv=argv)
     torch.manual_seed(0)
     train_loader, feature_loader, test_loader = loaders(args.image_size, args.batch_size)
     if args.pretrained:

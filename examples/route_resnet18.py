@@ -11,7 +11,6 @@ following the features routed to them. The caller's ``model`` is never modified:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rmn  # noqa: E402
-from loop import accuracy, loaders, train  # noqa: E402
+from loop import accuracy, loaders, options, train  # noqa: E402
 
 STAGES = ["layer1", "layer2", "layer3", "layer4"]  # torchvision's (and timm's) ResNet stage names
 
@@ -34,15 +33,7 @@ def build(pretrained: bool, num_classes: int) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
-    p.add_argument("--procedures", type=int, default=8, help="N, procedures per stage")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of step 1 and of step 4 each")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--max-steps", type=int, default=None, help="stop each training step after this many batches")
-    args = p.parse_args(argv)
+    args = options(__doc__, procedures=8, lr=0.05, argv=argv)
     torch.manual_seed(0)
     train_loader, feature_loader, test_loader = loaders(args.image_size, args.batch_size)
     model = build(args.pretrained, num_classes=10)
