@@ -6,6 +6,7 @@ from .dispatch import dispatch
 from .features import MemoryInit, init_memories
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
+from .pooled_bn import set_procedure_batchnorm
 from .route import Routing, last_routes, route, routed_stages, set_auto_update, update_memories
 from .stage import RoutedStage
 from .training import clone_optimizer
@@ -31,5 +32,6 @@ __all__ = [
     "route",
     "routed_stages",
     "set_auto_update",
+    "set_procedure_batchnorm",
     "update_memories",
 ]

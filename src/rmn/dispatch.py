@@ -15,7 +15,7 @@ The only host synchronisation is reading the per-route counts, which slicing the
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -74,22 +74,31 @@ def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) ->
     return _PermuteRows.apply(x, index, inverse)
 
 
-def dispatch(x: torch.Tensor, routes: torch.Tensor, procedures: Sequence[nn.Module], run_empty: bool = False) -> torch.Tensor:
+def dispatch(x: torch.Tensor, routes: torch.Tensor, procedures: Sequence[nn.Module], run_empty: bool = False,
+             lockstep: Callable | None = None) -> torch.Tensor:
     """``out[b] = procedures[routes[b]](x[b])`` for every b, computed one slice per procedure.
 
     ``run_empty=True`` also calls procedures that got no sample (on an empty slice): needed when a
-    procedure holds collectives (synchronised BatchNorm) that every rank must enter.
+    procedure holds collectives (synchronised BatchNorm) that every rank must enter. ``lockstep``
+    (a :class:`rmn.pooled_bn.Lockstep`) runs the used procedures together, ``lockstep(procedures,
+    used, slices)``, instead of one after the other; it is called even when one procedure takes all.
     """
     n = len(procedures)
-    if x.shape[0] == 0 and not run_empty:
-        return procedures[0](x)
-    if x.shape[0] == 1 and not run_empty:
-        return procedures[int(routes[0])](x)
+    if lockstep is None and not run_empty:
+        if x.shape[0] == 0:
+            return procedures[0](x)
+        if x.shape[0] == 1:
+            return procedures[int(routes[0])](x)
     order, counts = group_by_route(routes, n)
     used = [j for j, c in enumerate(counts) if c > 0 or run_empty]
+    if not used:  # an empty batch
+        used = [0]
     if len(used) == 1 and not run_empty:  # everybody takes the same procedure: no permutation needed
-        return procedures[used[0]](x)
+        return lockstep(procedures, used, [x])[0] if lockstep is not None else procedures[used[0]](x)
     inverse = inverse_permutation(order)
     chunks = permute_rows(x, order, inverse).split(counts)
-    outs = [procedures[j](chunks[j]) for j in used]
+    if lockstep is not None:
+        outs = lockstep(procedures, used, [chunks[j] for j in used])
+    else:
+        outs = [procedures[j](chunks[j]) for j in used]
     return permute_rows(torch.cat(outs), inverse, order)

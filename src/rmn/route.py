@@ -33,6 +33,7 @@ from torch import nn
 from .attention import ConditionalAttention
 from .backbones.base import device_of
 from .memory import MemoryBank
+from .pooled_bn import check_kind, set_procedure_batchnorm
 from .stage import RoutedStage
 
 StageSpec = str | Sequence[str]
@@ -157,6 +158,7 @@ def route(
     memory_options: dict | None = None,
     example_input: torch.Tensor | None = None,
     inplace: bool = False,
+    procedure_batchnorm: str = "slice",
 ) -> nn.Module:
     """A routed copy of ``model``: each of ``stages`` becomes ``num_procedures`` procedures with memories.
 
@@ -172,12 +174,15 @@ def route(
     ``memory_options`` go to every :class:`MemoryBank` (update rule, accumulation, revival).
     Memories start at zero (every sample takes procedure 0): set them with :func:`rmn.init_memories`. Each
     routed stage updates its memories in every training forward with gradients on (``auto_update``).
+    ``procedure_batchnorm``: "slice" (the paper: each procedure's BatchNorm normalises over its own samples)
+    or "pooled" (over the whole batch at each layer, each procedure's own affine: :mod:`rmn.pooled_bn`).
     """
     previous = getattr(model, "rmn_routing", None)
     if num_procedures is None:
         num_procedures = previous.num_procedures if previous is not None else 8
     if isinstance(num_procedures, bool) or not isinstance(num_procedures, int) or num_procedures < 1:
         raise ValueError(f"num_procedures must be an integer >= 1, got {num_procedures!r}")
+    check_kind(procedure_batchnorm)
     if attention_init not in ATTENTION_INITS:
         raise ValueError(f"attention_init must be one of {', '.join(ATTENTION_INITS)}, got {attention_init!r}")
     if attention == "auto":
@@ -210,6 +215,7 @@ def route(
         for pname, src in sources.items():
             routing.clone_sources[f"{group[0]}.{pname}"] = _source_name(group, src, previous is not None)
     out.rmn_routing = routing
+    set_procedure_batchnorm(out, procedure_batchnorm)
     return out.train(model.training)
 
 

@@ -42,6 +42,9 @@ class RoutedStage(nn.Module):
         # Apply the memory update right after routing, in a training forward with gradients on (set by
         # rmn.route for plain training loops; the recipe updates once per optimizer step instead).
         self.auto_update = False
+        # Pooled procedure BatchNorm (rmn.pooled_bn.set_procedure_batchnorm): in training, the procedures run
+        # in lockstep through this, normalising with the whole batch's statistics. None: per-slice (the paper).
+        self.lockstep = None
         # Set by a feature pass (rmn.features.walk_stages) for one forward: the path to run and its routes.
         self.walk: tuple[str, torch.Tensor | None] | None = None
 
@@ -61,7 +64,8 @@ class RoutedStage(nn.Module):
             if self.auto_update and self.training and torch.is_grad_enabled():
                 self.memory.update()
             try:
-                y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure)
+                y = dispatch(x, routes, self.procedures, run_empty=self.run_every_procedure,
+                             lockstep=self.lockstep if self.training else None)
             except ValueError as e:
                 if "Expected more than 1 value per channel" not in str(e):
                     raise

@@ -121,7 +121,8 @@ def clone_network(cfg: Config, stem: nn.Module) -> nn.Module:
               "revive_after": m.revive_after, "revive_threshold": m.revive_threshold}
     names = stem.rmn_routing.stages
     chosen = None if m.routed_stages is None else [names[i] for i in m.routed_stages]
-    return route(stem, chosen, m.num_procedures, memory_momentum=m.memory_momentum, memory_options=memory)
+    return route(stem, chosen, m.num_procedures, memory_momentum=m.memory_momentum, memory_options=memory,
+                 procedure_batchnorm=m.procedure_batchnorm)
 
 
 def build_model(cfg: Config, data_spec, image_size: int, phase: str) -> nn.Module:

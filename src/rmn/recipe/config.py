@@ -46,6 +46,9 @@ class ModelConfig:
     revive_threshold: float = 0.0  # load share at or below which a memory is starving
     revive_reclone: bool = True  # also copy the donor's procedure and optimizer state
     match_batchnorm: bool = False  # step 3 also re-expresses each procedure's BatchNorm in its cluster's statistics
+    # Beyond the paper (rmn.pooled_bn): "slice" (paper: each procedure's BatchNorm normalises over its own samples)
+    # or "pooled" (over the whole batch at each layer, each procedure's own affine; exact at cloning). Single process.
+    procedure_batchnorm: str = "slice"
     attention_reduction: int = 16
     drop_path_rate: Optional[float] = None  # EfficientNet stochastic depth; None = the backbone's default
 
@@ -149,6 +152,11 @@ class Config:
             (m.memory_accumulate_steps >= 1, "model.memory_accumulate_steps must be >= 1"),
             (m.memory_smoothing > 0, "model.memory_smoothing must be > 0"),
             (m.revive_after >= 0, "model.revive_after must be >= 0"),
+            (m.procedure_batchnorm in ("slice", "pooled"),
+             f"model.procedure_batchnorm must be 'slice' or 'pooled', got {m.procedure_batchnorm!r}"),
+            (not (m.match_batchnorm and m.procedure_batchnorm == "pooled"),
+             "model.match_batchnorm re-expresses BatchNorm in cluster statistics, which model.procedure_batchnorm=pooled "
+             "does not use: set one of them"),
             (0.0 <= m.revive_threshold < 1.0, "model.revive_threshold must be in [0, 1)"),
             (m.width_mult > 0, "model.width_mult must be > 0"),
             (d.batch_size >= 1, "data.batch_size must be >= 1"),

@@ -14,6 +14,7 @@ import torch
 
 from .. import distributed
 from ..backbones.weights import STATE_DICT_SUFFIXES, WeightsError, read_state_dict
+from ..pooled_bn import check_single_process
 from ..precision import FLOAT32, Precision, compile_parts
 from ..route import routed_stages
 from ..syncbn import convert_sync_batchnorm
@@ -81,6 +82,11 @@ class Run:
             Precision(cfg.run.amp, cfg.run.channels_last, device.type).check_training(torch.get_num_threads())
         except ValueError as e:
             raise RecipeError(str(e)) from None
+        if cfg.model.procedure_batchnorm == "pooled":
+            try:
+                check_single_process()
+            except ValueError as e:
+                raise ConfigError(f"model.{e}") from None
         _check_output(out)
         ckpt, skipped = newest_checkpoint(out / "checkpoints", device)
         _check_found(out, ckpt, skipped, resume)
@@ -285,7 +291,7 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
 # same network (with CA the stem's random routes depend on N, so N must match then).
 ROUTING_ONLY = {("model", k) for k in ("routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps",
                                        "memory_smoothing", "revive_after", "revive_threshold", "revive_reclone",
-                                       "match_batchnorm")} | {("optim", "procedure_grad_scale")}
+                                       "match_batchnorm", "procedure_batchnorm")} | {("optim", "procedure_grad_scale")}
 
 
 def _start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
