@@ -10,7 +10,8 @@ Parts of the study (``ROWS``; each row's config is ``configs/value_study/<row>.y
             6,318 routed optimizer steps at batch 256 and 1,566 at 1024; baselines at 256 and 1024, RMN N=8
             paper-faithful (with and without CA) at 1024, RMN at 256.
   beyond    the paper regime's RMN at 256 with one existing option beyond the paper each: BatchNorm matched
-            at cloning, procedure gradients x sqrt(8), only the last two stages routed, N=4.
+            at cloning, procedure gradients x sqrt(8), only the last two stages routed, N=4, procedures'
+            BatchNorm pooled over the whole batch (model.procedure_batchnorm: pooled).
   narrow    if width 1/8 has no capacity headroom: the 1/16-width network, its 2x width (the 1/8 baseline) and
             RMN N=8 at 1/16 on the capacity control's 10-epoch schedule.
 
@@ -86,6 +87,8 @@ ROWS = {
     "e40_rmn_256": Row("RMN N=8 without CA (batch 256)", "paper", {**RMN, "data.batch_size": 256, **E40}),
     "e40_rmn_256_bnm": Row("+ BatchNorm matched at cloning", "beyond",
                            {**RMN, "data.batch_size": 256, **E40, "model.match_batchnorm": True}, main=False),
+    "e40_rmn_256_pooledbn": Row("+ procedures' BatchNorm pooled over the batch", "beyond",
+                                {**RMN, "data.batch_size": 256, **E40, "model.procedure_batchnorm": "pooled"}, main=False),
     "e40_rmn_256_gs2.83": Row("+ procedure gradients x sqrt(8) = 2.83", "beyond",
                               {**RMN, "data.batch_size": 256, **E40, "optim.procedure_grad_scale": 2.83}, main=False),
     "e40_rmn_256_late": Row("+ only stages 3 and 4 routed", "beyond",

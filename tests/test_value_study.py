@@ -52,6 +52,7 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 13)
         if cfg.run.mode == "rmn":
             assert cfg.model.match_batchnorm == row.endswith("_bnm")
+            assert cfg.model.procedure_batchnorm == ("pooled" if row.endswith("_pooledbn") else "slice")
             assert cfg.optim.procedure_grad_scale == (2.83 if row.endswith("_gs2.83") else 1.0)
             assert cfg.model.routed_stages == ([2, 3] if row.endswith("_late") else None)
             assert cfg.model.num_procedures == (4 if row.endswith("_n4") else 8)
