@@ -122,9 +122,10 @@ def test_each_procedure_keeps_its_own_affine():
     assert (moved >= 0).all() and torch.allclose(moved.max(), torch.tensor(0.5))
 
 
-def plain_reference(x, routes, procs):
+def plain_reference(x, routes, procs, stats=None):
     """What pooled BatchNorm computes, written out: per-procedure convolutions on each procedure's samples,
-    statistics over all of them together, each procedure's own affine, outputs back in batch order."""
+    statistics over all of them together, each procedure's own affine, outputs back in batch order.
+    ``stats`` receives each layer's (mean, unbiased variance)."""
     index = [torch.nonzero(routes == j).flatten() for j in range(len(procs))]
     hs = [x[i] for i in index]
     for k in range(len(procs[0])):
@@ -132,6 +133,9 @@ def plain_reference(x, routes, procs):
         every = torch.cat(hs)
         mean = every.mean(dim=(0, 2, 3), keepdim=True)
         var = ((every - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        if stats is not None:
+            n = every.numel() // every.shape[1]
+            stats.append((mean.detach().flatten(), var.detach().flatten() * n / (n - 1)))
         bns = [p[k][1] for p in procs]
         hs = [torch.relu((h - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
               for h, bn in zip(hs, bns)]
@@ -145,13 +149,16 @@ def test_outputs_and_gradients_match_a_plain_reference():
     torch.manual_seed(0)
     procs = nn.ModuleList([nn.Sequential(conv_bn(8, 16, 2), conv_bn(16, 16)) for _ in range(N + 1)])
     randomize_batchnorm(procs)
+    for bn in norms(procs):
+        bn.reset_running_stats()
     ref = copy.deepcopy(procs)
     # procedure 2 gets a single sample, procedure 4 none
     routes = torch.tensor([0, 1, 3, 1, 0, 2, 1, 3, 3, 0, 1, 0, 3, 1, 0, 3])
     x = torch.randn(len(routes), 8, 8, 8)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = dispatch(xa, routes, procs, lockstep=Lockstep(procs[0]))
-    want = plain_reference(xb, routes, ref)
+    stats = []
+    want = plain_reference(xb, routes, ref, stats)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     w = torch.randn_like(got)
     (got * w).sum().backward()
@@ -161,10 +168,11 @@ def test_outputs_and_gradients_match_a_plain_reference():
         for (name, a), (_, b) in zip(procs[j].named_parameters(), ref[j].named_parameters(), strict=True):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=f"procedure {j} {name}")
     assert all(p.grad is None for p in procs[N].parameters())  # the empty procedure took no part
-    # every procedure's running statistics (the idle one's too) are the whole batch's
-    for k in range(2):
-        stats = [(p[k][1].running_mean, p[k][1].running_var) for p in procs]
-        assert all(torch.equal(m, stats[0][0]) and torch.equal(v, stats[0][1]) for m, v in stats)
+    # every procedure's running statistics (the idle one's too) took the whole batch's step
+    for k, (mean, var) in enumerate(stats):
+        for p in procs:
+            torch.testing.assert_close(p[k][1].running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(p[k][1].running_var, 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
 
 
 def test_eval_mode_runs_the_usual_slices_and_a_network_without_routes_has_nothing_to_pool():
@@ -271,3 +279,23 @@ def test_recipe_run_trains_and_resumes_bit_exactly(tmp_path, monkeypatch):
     assert (resumed["phase"], resumed["epoch"]) == ("routed", 2)  # after one routed epoch of pooled BatchNorm
     run_steps(cfg, resume=True)
     assert_same(result(broken), want)
+
+
+def test_empty_slices_take_no_part_when_every_procedure_is_called():
+    """``run_every_procedure`` (set by run.sync_bn) hands idle procedures empty slices: same output and gradients."""
+    torch.manual_seed(0)
+    procs = nn.ModuleList([nn.Sequential(conv_bn(8, 16, 2), conv_bn(16, 16)) for _ in range(3)])
+    routes = torch.tensor([0, 1, 0, 1, 1, 0])
+    x = torch.randn(6, 8, 8, 8)
+    results = []
+    for run_empty in (False, True):
+        xg = x.clone().requires_grad_()
+        y = dispatch(xg, routes, procs, run_empty=run_empty, lockstep=Lockstep(procs[0]))
+        y.square().sum().backward()
+        results.append((y.detach(), xg.grad, {k: p.grad.clone() for k, p in procs.named_parameters() if p.grad is not None}))
+        procs.zero_grad(set_to_none=True)
+    (y0, g0, p0), (y1, g1, p1) = results
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert all(torch.equal(p1[k], g) for k, g in p0.items())
+    assert not any(k.startswith("2.") for k in p0)
+    assert all(k.startswith("2.") and not g.any() for k, g in p1.items() if k not in p0)  # the idle one: zero

@@ -40,18 +40,26 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return x
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (count / max(count - 1, 1))
-                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        track_running_stats(self, mean, var, count)
         scale = torch.rsqrt(var + self.eps).to(x.dtype)
         y = (x - mean.to(x.dtype)[None, :, None, None]) * scale[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y
+
+
+@torch.no_grad()
+def track_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+    """What BatchNorm does with its running statistics in a training forward, given the batch's per-channel mean
+    and (biased) variance over ``count`` values: nothing when it keeps none, else one momentum step (or a
+    cumulative average when its momentum is None) towards the mean and the unbiased variance."""
+    if not bn.track_running_stats:
+        return
+    bn.num_batches_tracked += 1
+    m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    bn.running_mean.mul_(1 - m).add_(m * mean.detach().to(bn.running_mean.dtype))
+    bn.running_var.mul_(1 - m).add_(m * unbiased.detach().to(bn.running_var.dtype))
 
 
 def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
