@@ -195,12 +195,31 @@ def test_eval_mode_runs_the_usual_slices_and_a_network_without_routes_has_nothin
     assert procedure_batchnorm(rmn.set_procedure_batchnorm(copy.deepcopy(net), "slice")) == "slice"
 
 
-def test_bfloat16_autocast_keeps_the_dtype_and_the_function():
+def test_bfloat16_autocast_and_channels_last_keep_the_function():
+    """Under bf16 autocast, with channels_last tensors, the output keeps BatchNorm's dtype and layout, and output and
+    input gradient are as far from the float32 plain network's as the plain network's own under bf16 (no further)."""
     plain, _, net, x = cloned("toy", "pooled")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = net(x), plain(x)
-    assert got.dtype == want.dtype
-    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+    def run(model, amp, fmt=torch.contiguous_format):
+        model = copy.deepcopy(model).to(memory_format=fmt)
+        xg = x.clone(memory_format=fmt).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(xg)
+        out.float().square().sum().backward()
+        return out, xg.grad
+
+    want, want_grad = run(plain, False)
+    plain_bf16, plain_bf16_grad = run(plain, True)
+    got, got_grad = run(net, True, torch.channels_last)
+    assert got.dtype == plain_bf16.dtype == torch.bfloat16
+    assert got_grad.is_contiguous(memory_format=torch.channels_last)
+
+    def err(a, b):
+        a, b = a.detach().float(), b.detach().float()
+        return float((a - b).norm() / b.norm())
+
+    assert err(got, want) < 1.5 * err(plain_bf16, want) + 1e-3
+    assert err(got_grad, want_grad) < 1.5 * err(plain_bf16_grad, want_grad) + 1e-3
 
 
 class Boom(nn.Module):

@@ -22,7 +22,7 @@ grad mode and determinism are the caller's, and an exception in a procedure prop
 Every procedure's running statistics take the step the whole batch's statistics give (the idle
 procedures' too), so procedures cloned together keep sharing them; eval mode runs the usual
 per-slice dispatch (running statistics are per sample). A BatchNorm left in eval mode inside a
-training procedure runs as it is. The cost: about 1.2x the slice BatchNorm's training step on the
+training procedure runs as it is. The cost: 1.2-1.3x the slice BatchNorm's training step on the
 Fashion study's network on one CPU thread (``benchmarks/pooled_bn.py``).
 
 Limits: a procedure must trace with torch.fx (no control flow on tensor values) and take one input;

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from ..pooled_bn import PROCEDURE_BATCHNORMS
 from ..precision import AMP_DTYPES
 
 
@@ -152,7 +153,7 @@ class Config:
             (m.memory_accumulate_steps >= 1, "model.memory_accumulate_steps must be >= 1"),
             (m.memory_smoothing > 0, "model.memory_smoothing must be > 0"),
             (m.revive_after >= 0, "model.revive_after must be >= 0"),
-            (m.procedure_batchnorm in ("slice", "pooled"),
+            (m.procedure_batchnorm in PROCEDURE_BATCHNORMS,
              f"model.procedure_batchnorm must be 'slice' or 'pooled', got {m.procedure_batchnorm!r}"),
             (not (m.match_batchnorm and m.procedure_batchnorm == "pooled"),
              "model.match_batchnorm re-expresses BatchNorm in cluster statistics, which model.procedure_batchnorm=pooled "
