@@ -84,3 +84,24 @@ def test_no_doc_points_outside_the_repository(path):
     hits = [f"{path.relative_to(ROOT)}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
             if OUTSIDE.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_every_rmn_function_the_readme_names_exists():
+    """`rmn.x(...)` / `rmn.x.y(...)` written in README.md resolve (``rmn.route`` is a function, not the module)."""
+    import importlib
+    import re
+
+    import rmn
+
+    text = (ROOT / "README.md").read_text()
+    names = sorted(set(re.findall(r"\brmn((?:\.[A-Za-z_]\w*)+)\(", text)))
+    assert names, "the README names rmn functions"
+    for dotted in names:
+        obj = rmn
+        for part in dotted.strip(".").split("."):
+            if not hasattr(obj, part):  # a submodule not imported by `import rmn` (rmn.backbones.x)
+                obj = importlib.import_module(f"{obj.__name__}.{part}") if hasattr(obj, "__path__") else None
+            else:
+                obj = getattr(obj, part)
+            assert obj is not None, f"README names rmn{dotted}, which does not exist"
+        assert callable(obj), f"README calls rmn{dotted}, which is not callable"

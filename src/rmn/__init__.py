@@ -6,7 +6,7 @@ from .dispatch import dispatch
 from .features import MemoryInit, init_memories
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
-from .route import Routing, last_routes, route, routed_stages, update_memories
+from .route import Routing, last_routes, route, routed_stages, set_auto_update, update_memories
 from .stage import RoutedStage
 from .training import clone_optimizer
 
@@ -30,5 +30,6 @@ __all__ = [
     "register_backbone",
     "route",
     "routed_stages",
+    "set_auto_update",
     "update_memories",
 ]
