@@ -11,7 +11,9 @@ Parts of the study (``ROWS``; each row's config is ``configs/value_study/<row>.y
             paper-faithful (with and without CA) at 1024, RMN at 256.
   beyond    the paper regime's RMN at 256 with one existing option beyond the paper each: BatchNorm matched
             at cloning, procedure gradients x sqrt(8), only the last two stages routed, N=4, procedures'
-            BatchNorm pooled over the whole batch (model.procedure_batchnorm: pooled).
+            BatchNorm pooled over the whole batch (model.procedure_batchnorm: pooled); and upcycling
+            practice: cloning after 7 of the 40 epochs, alone and with the LR re-warmed to its peak over 2
+            epochs (optim.rewarm_epochs), beside the baseline on that same re-warmed schedule (its control).
   narrow    if width 1/8 has no capacity headroom: the 1/16-width network, its 2x width (the 1/8 baseline) and
             RMN N=8 at 1/16 on the capacity control's 10-epoch schedule.
 
@@ -61,6 +63,8 @@ WIDTH_AT_RMN_PARAMS = 0.354
 
 B256 = {"run.mode": "baseline", "data.batch_size": 256}
 E40 = {"schedule.epochs": 40, "schedule.stem_epochs": 13}
+EARLY = {"schedule.stem_epochs": 7}  # cloning earlier (upcycling practice), with E40
+REWARM = {**EARLY, "optim.rewarm_epochs": 2.0}  # ...and the LR re-warmed to its peak over 2 epochs after cloning
 RMN = {"run.mode": "rmn", "model.attention": "none", "model.num_procedures": 8}
 
 
@@ -95,6 +99,12 @@ ROWS = {
                             {**RMN, "data.batch_size": 256, **E40, "model.routed_stages": [2, 3]}, main=False),
     "e40_rmn_256_n4": Row("+ N=4", "beyond", {**RMN, "data.batch_size": 256, **E40, "model.num_procedures": 4},
                           main=False),
+    "e40_rmn_256_early": Row("+ cloned after 7 epochs, not 13", "beyond", {**RMN, "data.batch_size": 256, **E40, **EARLY},
+                             main=False),
+    "e40_rmn_256_rewarm": Row("+ cloned after 7 epochs, LR re-warmed to its peak over 2", "beyond",
+                              {**RMN, "data.batch_size": 256, **E40, **REWARM}, main=False),
+    "e40_baseline_rewarm": Row("baseline (batch 256) on the re-warmed schedule (control)", "beyond",
+                               {**B256, **E40, **REWARM}, main=False),
     "narrow_baseline": Row("baseline, width 1/16", "narrow", {**B256, "model.width_mult": 0.0625}),
     "narrow_wide2x": Row("baseline, 2x width (1/8)", "narrow", B256, reuse="results/fashion_study/baseline"),
     "narrow_rmn": Row("RMN N=8 without CA, width 1/16", "narrow", {**RMN, "data.batch_size": 256,

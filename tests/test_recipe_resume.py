@@ -129,6 +129,27 @@ def test_resume_mid_routed_training(reference, tmp_path, monkeypatch):
     assert_same(result(tmp_path), reference)
 
 
+def test_resume_mid_rewarm_and_route_flips(reference, tmp_path, monkeypatch):
+    """optim.rewarm_epochs: the schedule is a function of the step, so a run killed during the re-warm resumes to
+    the uninterrupted run's result; route flips and gradient norms are logged alike (the flips of epoch 4
+    compare with epoch 3's evaluation routes, which the resumed run reads back from its checkpoint)."""
+    over = {"optim.rewarm_epochs": 1.5}
+    want_dir = tmp_path / "uninterrupted"
+    run_steps(tiny_cfg(want_dir, **over))
+    want = result(want_dir)
+    assert [r["lr"] for r in want["rows"]] != [r["lr"] for r in reference["rows"]]  # the option is on
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        crash_in_epoch(m, 3, 4)  # in epoch 4, still re-warming (1.5 epochs from the clone after epoch 2)
+        with pytest.raises(Crash):
+            run_steps(tiny_cfg(out, **over))
+    assert latest_checkpoint(out / "checkpoints").path.name == "ckpt-00005-routed-e3.safetensors"
+    run_steps(tiny_cfg(out, **over), resume=True)
+    got = result(out)
+    assert_same(got, want)
+    assert {"route_flips_stage0", "grad_norm_stage0"} <= set(got["rows"][-1])
+
+
 def test_interrupted_checkpoint_write_resumes_from_the_previous_one(reference, tmp_path, monkeypatch):
     """The rename publishing routed epoch 3 fails: its metrics row is already logged, the checkpoint is not."""
     real_replace = os.replace

@@ -42,14 +42,18 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
     for row, spec in study.ROWS.items():
         cfg = study.run_config(row, 3, 1, tmp_path)
         assert (cfg.run.seed, cfg.output_dir()) == (3, tmp_path / row / "seed3")
-        # one learning-rate schedule for every row; only the procedures' gradient scale differs
-        assert (replace(cfg.optim, procedure_grad_scale=1.0), cfg.data.dataset) == (base.optim, "fashion-mnist")
+        # one learning-rate schedule for every row but the re-warmed ones; the procedures' gradient scale differs
+        assert (replace(cfg.optim, procedure_grad_scale=1.0, rewarm_epochs=0.0), cfg.data.dataset) == (
+            base.optim, "fashion-mnist")
+        assert cfg.optim.rewarm_epochs == (2.0 if row.endswith("_rewarm") else 0.0)
         if spec.part in ("capacity", "narrow"):  # the 10-epoch schedule of the capacity control
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs, cfg.data.batch_size) == (10, 4, 256)
             assert cfg.run.mode == "baseline" or spec.part == "narrow"
             assert cfg.model.width_mult == (0.0625 if row in ("narrow_baseline", "narrow_rmn") else cfg.model.width_mult)
-        else:  # the paper's regime: a third of 40 epochs plain
-            assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 13)
+        else:  # the paper's regime: a third of 40 epochs plain, or cloning earlier (upcycling practice)
+            early = row.endswith(("_early", "_rewarm"))
+            assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 7 if early else 13)
+            assert spec.part == "beyond" or not early
         if cfg.run.mode == "rmn":
             assert cfg.model.match_batchnorm == row.endswith("_bnm")
             assert cfg.model.procedure_batchnorm == ("pooled" if row.endswith("_pooledbn") else "slice")
@@ -81,8 +85,8 @@ def test_the_wide_row_has_rmn_s_parameter_count(study):
 
 def test_routed_steps_of_the_paper_regime(study, tmp_path):
     steps = {row: study.routed_steps(study.run_config(row, 0, 1, tmp_path), 60_000 // b * 40)
-             for row, b in (("e40_rmn_256", 256), ("e40_rmn_1024", 1024), ("e40_baseline", 256))}
-    assert steps == {"e40_rmn_256": 234 * 27, "e40_rmn_1024": 58 * 27, "e40_baseline": 0}
+             for row, b in (("e40_rmn_256", 256), ("e40_rmn_1024", 1024), ("e40_baseline", 256), ("e40_rmn_256_rewarm", 256))}
+    assert steps == {"e40_rmn_256": 234 * 27, "e40_rmn_1024": 58 * 27, "e40_baseline": 0, "e40_rmn_256_rewarm": 234 * 33}
     assert steps["e40_rmn_256"] >= 3000  # the issue's floor
 
 

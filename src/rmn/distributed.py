@@ -34,6 +34,15 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         offset += n
 
 
+def all_gather_object(obj):
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` on one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def launched_by_torchrun() -> bool:
     """torchrun (and torch.distributed.launch) announce themselves through these variables."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))

@@ -3,7 +3,8 @@
 * :func:`clone_optimizer` -- recipe step 2 for the optimizer: every procedure copy starts with a copy of its
   source parameter's state (momentum), as the paper clones "with the optimizer state";
 * :func:`reclone_procedure` -- a revived memory gets its donor's procedure, weights and optimizer state;
-* :func:`drop_idle_gradients`, :func:`scale_procedure_gradients` -- per-step gradient bookkeeping.
+* :func:`drop_idle_gradients`, :func:`scale_procedure_gradients` -- per-step gradient bookkeeping;
+* :func:`procedure_grad_norms` -- how large each procedure's gradient is (do cloned procedures learn alike?).
 
 The model itself knows nothing of optimizers: these functions take a routed model (:func:`rmn.route`) and
 reach its stages through :func:`rmn.routed_stages`.
@@ -94,3 +95,23 @@ def scale_procedure_gradients(model: nn.Module, factor: float) -> None:
         for p in stage.procedures.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
+
+
+@torch.no_grad()
+def procedure_grad_norms(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Per routed stage (by its index in :func:`rmn.routed_stages`), ``[N]``: the L2 norm of each procedure's
+    gradient over all its parameters, NaN for a procedure without one (it received no sample). Computed
+    on the gradients' device without reading them on the host, so it costs no synchronisation."""
+    out = {}
+    for i, stage in enumerate(routed_stages(model)):
+        if stage.memory is None:
+            continue
+        norms = []
+        for proc in stage.procedures:
+            grads = [p.grad for p in proc.parameters() if p.grad is not None]
+            if grads:  # torch's own clip_grad_norm_ sums per-tensor norms this way (one kernel per dtype/device)
+                norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
+            else:
+                norms.append(torch.full((), float("nan"), device=stage.memory.memories.device))
+        out[i] = torch.stack(norms)
+    return out

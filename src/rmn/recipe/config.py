@@ -83,6 +83,11 @@ class OptimConfig:
     # is a mean over the whole batch, so a procedure that saw a share s of it gets s times the gradient
     # of its own samples' mean loss: at N=8 it learns about 8x slower than the shared layers.
     procedure_grad_scale: float = 1.0
+    # Beyond the paper (upcycling practice; 0 = off): at the clone step (the first optimizer step after
+    # schedule.stem_epochs) the LR restarts: linear warm-up from the LR reached to optim.lr over this many
+    # epochs, then the cosine to optim.end_lr over the remaining steps (rmn.recipe.schedule). A baseline
+    # under the same config follows the same curve (mode "both" stays a same-schedule comparison).
+    rewarm_epochs: float = 0.0
 
 
 @dataclass
@@ -171,6 +176,7 @@ class Config:
             (o.lr > 0, "optim.lr must be > 0"),
             (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
+            (o.rewarm_epochs >= 0, "optim.rewarm_epochs must be >= 0"),
             (r.amp in AMP_DTYPES, f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
             (r.baseline_attention in ("none", "se"),

@@ -111,7 +111,7 @@ class RunLog:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "seq"):
                     self.tb.add_scalar(f"{row.get('phase', 'train')}/{k}" if k.startswith("train") else k, v, row["epoch"])
-                elif isinstance(v, list) and k.startswith("load_stage"):
+                elif isinstance(v, list) and k.startswith(("load_stage", "grad_norm_stage")):  # one value per memory
                     for j, share in enumerate(v):
                         self.tb.add_scalar(f"routing/{k}/memory{j}", share, row["epoch"])
             self.tb.flush()

@@ -6,12 +6,13 @@
 
 One step: set the LR, run the micro-batches (gradients all-reduced on the last), update the memories
 once over the whole batch, revive idle memories, drop the gradients of procedures that saw no sample,
-scale the procedures' gradients, and let the (fp16) scaler take the optimizer step.
+scale the procedures' gradients, measure them (:mod:`rmn.recipe.measures`), and let the (fp16) scaler
+take the optimizer step.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,11 @@ import torch.nn.functional as F
 from .. import distributed
 from ..memory import load_stats
 from ..route import is_routed, memory_banks, num_procedures, reset_load, routed_stages, set_auto_update, update_memories
-from ..training import drop_idle_gradients, reclone_procedure, scale_procedure_gradients
+from ..training import drop_idle_gradients, procedure_grad_norms, reclone_procedure, scale_procedure_gradients
 from .logs import RunClock, Throughput, progress, progress_mode
+from .measures import GradNormMeans, remember_routes, remembered_routes, route_flips
 from .run import RecipeError, Run
-from .schedule import lr_at
+from .schedule import Schedule
 
 HOST_CHECK_EVERY = 25  # on an accelerator, steps between host reads of the loss (divergence check, progress bar)
 
@@ -34,6 +36,7 @@ class Tally:
     correct: torch.Tensor
     finite: torch.Tensor  # False once any loss was not finite
     revived: int = 0
+    grad_norms: GradNormMeans = field(default_factory=GradNormMeans)  # per procedure, routed steps only
 
     @classmethod
     def zeros(cls, device: torch.device) -> "Tally":
@@ -46,9 +49,8 @@ class Tally:
         self.finite &= torch.isfinite(loss.detach())
 
 
-def _schedule(run: Run) -> tuple[int, int]:
-    steps = len(run.loaders[0])
-    return run.total_epochs * steps, round(run.cfg.optim.warmup_epochs * steps)
+def schedule(run: Run) -> Schedule:
+    return Schedule.of(run.cfg, len(run.loaders[0]))
 
 
 def _host_every(run: Run) -> int:
@@ -58,8 +60,7 @@ def _host_every(run: Run) -> int:
 
 def set_lr(run: Run) -> float:
     """The schedule's LR at ``run.step``, set on every parameter group."""
-    o = run.cfg.optim
-    lr = lr_at(run.step, *_schedule(run), o.lr, o.start_lr, o.end_lr)
+    lr = schedule(run).lr(run.step)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     return lr
@@ -106,9 +107,12 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tally: Tally) -> tupl
         raise RecipeError(f"training diverged {'at' if every == 1 else 'at or before'} step {run.step} (loss {float(loss.detach())}); lower optim.lr")
     tally.revived += revive(run, update_memories(model))  # once per optimizer step, over the whole (global) batch
     drop_idle_gradients(model)
-    if cfg.optim.procedure_grad_scale != 1.0 and is_routed(model):
-        scale_procedure_gradients(model, cfg.optim.procedure_grad_scale)
-    run.scaler.step(run.optimizer)  # fp16: unscales, and skips the step if a gradient overflowed
+    if is_routed(model):
+        if cfg.optim.procedure_grad_scale != 1.0:
+            scale_procedure_gradients(model, cfg.optim.procedure_grad_scale)
+        run.scaler.unscale_(run.optimizer)  # fp16: what step() would do first (a no-op otherwise)
+        tally.grad_norms.add(procedure_grad_norms(model))
+    run.scaler.step(run.optimizer)  # fp16: unscales (unless done above), and skips the step if a gradient overflowed
     run.scaler.update()
     run.step += 1
     return loss.detach(), lr
@@ -120,7 +124,7 @@ def train_epochs(run: Run, end_epoch: int) -> None:
     every, mode = _host_every(run), progress_mode(run.cfg.run.progress)
     train_loader = run.loaders[0]
     set_auto_update(run.model, False)  # one memory update per optimizer step, in train_step
-    clock = RunClock(run.step, _schedule(run)[0])
+    clock = RunClock(run.step, schedule(run).total_steps)
     for epoch in range(run.epoch, end_epoch):
         run.model.train()
         reset_load(run.model)
@@ -150,10 +154,15 @@ def _end_epoch(run: Run, end_epoch: int, tally: Tally, meter: Throughput, lr: fl
            "train_loss": float(totals[0]) / images, "train_acc": float(totals[1]) / images,
            "images_per_s": float(totals[2]) / max(meter.seconds, 1e-9), "epoch_seconds": meter.seconds}
     if run.epoch % cfg.run.eval_every == 0 or run.epoch == end_epoch:
-        row.update(evaluate(run))
+        scores, routes = evaluate_routes(run)
+        row.update(scores)
+        if routes:  # against the previous evaluation's routes, then kept (in the checkpoint) for the next
+            row.update(route_flips(remembered_routes(run.extra), routes))
+            remember_routes(run.extra, routes)
     # every rank ends the epoch with the global loads (reset when the next epoch starts)
     distributed.all_reduce_sum(*[b.load for b in memory_banks(model) if b is not None])
     row.update(routing_row(model))
+    row.update(tally.grad_norms.row())
     if cfg.model.revive_after:
         row["revived"] = tally.revived
     row["seq"] = run.seq + 1
@@ -203,9 +212,15 @@ def _epoch_line(row: dict) -> str:
     return " | ".join(parts)
 
 
-@torch.no_grad()
 def evaluate(run: Run, loader=None) -> dict:
     """Top-1/top-5 on the evaluation split, and how evaluation samples spread over the memories."""
+    return evaluate_routes(run, loader)[0]
+
+
+@torch.no_grad()
+def evaluate_routes(run: Run, loader=None) -> tuple[dict, dict[int, torch.Tensor]]:
+    """:func:`evaluate`'s scores, and the procedure each evaluation sample took in each routed stage
+    (by stage index, in the loader's order; this rank's samples)."""
     model = run.model
     model.eval()
     loader = loader if loader is not None else run.loaders[1]
@@ -213,6 +228,7 @@ def evaluate(run: Run, loader=None) -> dict:
     stages = routed_stages(model)
     n_procs = num_procedures(model)
     route_counts = torch.zeros(len(stages), n_procs, dtype=torch.long, device=run.device)
+    routes = {i: [] for i, stage in enumerate(stages) if stage.routed}
     for x, y in loader:
         with run.precision.autocast():
             logits = model(run.precision.batch(x))
@@ -223,6 +239,8 @@ def evaluate(run: Run, loader=None) -> dict:
         for i, stage in enumerate(stages):
             if stage.last_routes is not None:
                 route_counts[i] += torch.bincount(stage.last_routes, minlength=n_procs)
+                if i in routes:
+                    routes[i].append(stage.last_routes)
     # ranks may hold different numbers of evaluation batches: collectives only after the loop
     distributed.all_reduce_sum(n, route_counts)
     out = {"eval_top1": float(n[1] / n[0]), "eval_top5": float(n[2] / n[0])}
@@ -230,5 +248,6 @@ def evaluate(run: Run, loader=None) -> dict:
         for i, bank in enumerate(memory_banks(model)):
             if bank is not None:
                 out[f"eval_load_stage{i}"] = [round(float(c), 4) for c in (route_counts[i].double() / route_counts[i].sum()).tolist()]
-    return out
+    empty = torch.zeros(0, dtype=torch.long, device=run.device)  # a rank without evaluation batches
+    return out, {i: torch.cat(r) if r else empty for i, r in routes.items()}
 

@@ -23,7 +23,7 @@ from .checkpoint import (Checkpoint, CheckpointError, checkpoint_config, describ
                          latest_checkpoint, load_checkpoint, newest_checkpoint, restore_rng, save_checkpoint, set_aside)
 from .config import Config, ConfigError, ScheduleConfig
 from .logs import RunLog, tensorboard_writer
-from .schedule import lr_at
+from .schedule import Schedule
 
 
 class RecipeError(RuntimeError):
@@ -265,9 +265,8 @@ def _schedule_change(run: Run, old: ScheduleConfig) -> str:
     total, so from here on the LR follows the new run's curve (a jump, not a smooth continuation)."""
     steps = len(run.loaders[0])
     o = run.cfg.optim
-    warm = round(o.warmup_epochs * steps)
-    before = lr_at(run.step, old.epochs * steps, warm, o.lr, o.start_lr, o.end_lr)
-    after = lr_at(run.step, run.total_epochs * steps, warm, o.lr, o.start_lr, o.end_lr)
+    before = Schedule.of(run.cfg, steps, old).lr(run.step)
+    after = Schedule.of(run.cfg, steps).lr(run.step)
     return (f"[resume] schedule.epochs {old.epochs} -> {run.total_epochs}: the learning rate follows the cosine "
             f"schedule of {run.total_epochs} epochs from step {run.step} on, so it goes from {before:.4g} (the {old.epochs}-epoch "
             f"curve) to {after:.4g} and decays to {o.end_lr:.4g} at epoch {run.total_epochs}; epochs 1-{run.epoch} keep "
@@ -291,7 +290,8 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
 # same network (with CA the stem's random routes depend on N, so N must match then).
 ROUTING_ONLY = {("model", k) for k in ("routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps",
                                        "memory_smoothing", "revive_after", "revive_threshold", "revive_reclone",
-                                       "match_batchnorm", "procedure_batchnorm")} | {("optim", "procedure_grad_scale")}
+                                       "match_batchnorm", "procedure_batchnorm")} | {
+    ("optim", k) for k in ("procedure_grad_scale", "rewarm_epochs")}
 
 
 def _start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
