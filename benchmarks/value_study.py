@@ -109,6 +109,9 @@ ROWS = {
     "narrow_wide2x": Row("baseline, 2x width (1/8)", "narrow", B256, reuse="results/fashion_study/baseline"),
     "narrow_rmn": Row("RMN N=8 without CA, width 1/16", "narrow", {**RMN, "data.batch_size": 256,
                                                                     "model.width_mult": 0.0625}),
+    "narrow_rmn_pooledbn": Row("+ procedures' BatchNorm pooled over the batch", "narrow",
+                               {**RMN, "data.batch_size": 256, "model.width_mult": 0.0625,
+                                "model.procedure_batchnorm": "pooled"}),
 }
 
 

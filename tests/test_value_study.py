@@ -49,7 +49,7 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
         if spec.part in ("capacity", "narrow"):  # the 10-epoch schedule of the capacity control
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs, cfg.data.batch_size) == (10, 4, 256)
             assert cfg.run.mode == "baseline" or spec.part == "narrow"
-            assert cfg.model.width_mult == (0.0625 if row in ("narrow_baseline", "narrow_rmn") else cfg.model.width_mult)
+            assert cfg.model.width_mult == (0.0625 if row in ("narrow_baseline", "narrow_rmn", "narrow_rmn_pooledbn") else cfg.model.width_mult)
         else:  # the paper's regime: a third of 40 epochs plain, or cloning earlier (upcycling practice)
             early = row.endswith(("_early", "_rewarm"))
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 7 if early else 13)
