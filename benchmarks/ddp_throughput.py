@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from results_file import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "ddp_throughput.json"
@@ -60,10 +61,7 @@ def main() -> None:
     print(f"{'processes':>9} {'threads/proc':>12} {'phase':>7} {'images/s':>9} {'final top-1':>11}")
     for r in rows:
         print(f"{r['processes']:>9} {r['threads_per_process']:>12} {r['phase']:>7} {r['images_per_s']:>9.0f} {100 * r['final_top1']:>10.2f}%")
-    out = Path(opts.out) if opts.out else None if opts.quick else RESULTS
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"argv": args, "machine": f"{os.cpu_count()} CPU cores", "rows": rows}, indent=1))
+    out = write_results({"argv": args, "machine": f"{os.cpu_count()} CPU cores", "rows": rows}, opts.out, opts.quick, RESULTS)
     print(f"wrote {out}" if out else "not written (--quick)")
 
 

@@ -17,7 +17,6 @@ The results file records the device, torch and CUDA versions and how long each p
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import train_step  # noqa: E402
 
 from rmn.analysis.latency import run_latency  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_check.json"
 
@@ -90,10 +90,7 @@ def main(argv=None) -> int:
         "latency": run_batch1_latency(device, args.quick, log),
     }
     report["seconds"] = time.perf_counter() - t0
-    out = Path(args.out) if args.out else None if args.quick else RESULTS
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+    out = write_results(report, args.out, args.quick, RESULTS)
     log(f"wrote {out} ({report['seconds']:.0f} s)" if out else f"not written (--quick; {report['seconds']:.0f} s)")
     failed = report["tests"]["returncode"] not in (0, 5)  # 5: every test deselected or skipped elsewhere
     return 1 if failed else 0

@@ -15,7 +15,6 @@ Writes ``benchmarks/results/measures_cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ from rmn.precision import FLOAT32  # noqa: E402
 from rmn.recipe.measures import GradNormMeans, remember_routes, remembered_routes, route_flips  # noqa: E402
 from rmn.training import procedure_grad_norms  # noqa: E402
 from train_step import MODELS, build_pair, calibration_images, train_fn  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "measures_cost.json"
 
@@ -102,10 +102,7 @@ def main(argv=None) -> int:
           f"with/without {s['(step+grad_norms)/step']:.3f})")
     print(f"per evaluation of {e['eval_samples']} samples: route flips + routes kept {e['cpu_ms']:.2f} CPU ms, "
           f"{e['checkpoint_text_bytes']} bytes of checkpoint metadata")
-    out = Path(args.out) if args.out else None if args.quick else RESULTS
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+    out = write_results(report, args.out, args.quick, RESULTS)
     print(f"wrote {out}" if out else "not written (--quick)")
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -32,6 +31,7 @@ from rmn.analysis.calibrate import measure_route_counts  # noqa: E402
 from rmn.analysis.latency import interleaved_times  # noqa: E402
 from rmn.pooled_bn import set_procedure_batchnorm  # noqa: E402
 from rmn.precision import FLOAT32  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 RESULTS = HERE / "results" / "pooled_bn.json"
 
@@ -73,12 +73,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.threads, args.rounds, args.warmup, args.inner = [1], 1, 0, 1
     rows = [measure(t, args) for t in args.threads]
-    out = Path(args.out) if args.out else (None if args.quick else RESULTS)
+    report = {"command": "benchmarks/pooled_bn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
+    out = write_results(report, args.out, args.quick, RESULTS)
     if out is not None:
-        report = {"command": "benchmarks/pooled_bn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 

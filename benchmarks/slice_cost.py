@@ -12,7 +12,6 @@ small network trains slower than its baseline on a CPU (BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from results_file import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "slice_cost.json"
 SHAPES = ((8, 28), (16, 14), (32, 7), (64, 4))  # (channels, side) of the four stages
@@ -73,11 +73,9 @@ def main(argv=None) -> int:
             print(f"| {c} ch, {side}x{side} | {precision} | {1e3 * ta:.2f} | {1e3 * tb:.2f} | {tb / ta:.2f} |", flush=True)
             rows.append({"channels": c, "side": side, "precision": precision, "batch_ms": 1e3 * ta,
                          "slices_ms": 1e3 * tb, "ratio": tb / ta})
-    out = Path(args.out) if args.out else None if args.quick else RESULTS
+    out = write_results({"args": vars(args), "torch": torch.__version__, "processor": platform.processor(), "rows": rows},
+                        args.out, args.quick, RESULTS)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "processor": platform.processor(),
-                                   "rows": rows}, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 

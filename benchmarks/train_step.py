@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's rmn, whichever environment runs the script
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rmn.analysis.calibrate import calibrate_memories, measure_route_counts  # noqa: E402
 from rmn.analysis.latency import interleaved_times, varied_images  # noqa: E402
@@ -47,6 +47,7 @@ from rmn.backbones import create_backbone  # noqa: E402
 from rmn.precision import Precision, compile_parts  # noqa: E402
 from rmn.route import route, update_memories  # noqa: E402
 from rmn.training import drop_idle_gradients  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 MODELS = {  # name: (width_mult, image size, channels, classes)
@@ -227,10 +228,7 @@ def main(argv=None) -> int:
     for threads in args.threads:
         for model in args.models:
             report["runs"].append(measure(model, threads, args))
-    out = Path(args.out) if args.out else None if args.quick else RESULTS
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+    out = write_results(report, args.out, args.quick, RESULTS)
     print(f"\nwrote {out}" if out else "\nnot written (--quick)")
     return 0
 
