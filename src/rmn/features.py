@@ -36,6 +36,7 @@ from .backbones.base import device_of
 from .kmeans import kmeans
 from .memory import nearest, stage_feature
 from .precision import FLOAT32, Precision
+from .route import as_groups
 from .stage import RoutedStage
 
 PATHS = ("auto", "routed", "stem", "cloned")
@@ -70,9 +71,8 @@ def stage_entries(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Modul
         return [(m, m, m) for m in (model.get_submodule(n) for n in routing.stages)]
     names = getattr(model, "stage_names", None)
     if names is not None:
-        groups = [[n] if isinstance(n, str) else list(n) for n in names]
         entries = []
-        for g in groups:
+        for g in as_groups(names):
             first, last = model.get_submodule(g[0]), model.get_submodule(g[-1])
             entries.append((first if len(g) == 1 else None, first, last))
         return entries

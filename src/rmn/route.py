@@ -47,20 +47,23 @@ IDENTITY_GATE_BIAS = 4.0
 class Routing:
     """What :func:`route` did to a model, kept on it as ``model.rmn_routing`` (plain data, no tensors).
 
-    ``stages``: the routed stages' module names in forward order (a group's first member);
-    ``groups``: the names each stage was made of; ``attention``: 'ca', 'se' or None; ``num_procedures``: N (also for a step-1 network, whose
+    ``groups``: the names each stage was made of, in forward order; ``stages``: each stage's module name
+    (its group's first member, where the routed stage sits); ``attention``: 'ca', 'se' or None; ``num_procedures``: N (also for a step-1 network, whose
     attention expects N routes); ``stage_channels`` / ``out_channels``: the channels of
     each stage's input (what its memories live in) and output; ``clone_sources``: the name of every
     parameter of the routed model -> the name of the parameter it was cloned from in the source
     (what :func:`rmn.clone_optimizer` uses to copy optimizer state)."""
 
-    stages: list[str]
     groups: list[list[str]]
     stage_channels: list[int]
     out_channels: list[int]
     num_procedures: int
     attention: str | None = None
     clone_sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> list[str]:
+        return [g[0] for g in self.groups]
 
 
 def attention_kind(attention: bool | str | None) -> str | None:
@@ -201,7 +204,7 @@ def route(
     members = [[out.get_submodule(name) for name in (group if previous is None else group[:1])] for group in groups]
     if previous is None:
         ins, outs = _declared_channels(model, groups) or _probe_channels(out, members, example_input)
-    routing = Routing(stages=[g[0] for g in groups], groups=[list(g) for g in groups], stage_channels=ins,
+    routing = Routing(groups=[list(g) for g in groups], stage_channels=ins,
                       out_channels=outs, num_procedures=num_procedures, attention=kind)
     for i, (group, mods) in enumerate(zip(groups, members)):
         if previous is not None and i not in chosen:
@@ -285,6 +288,11 @@ def _attention(kind, source, channels, num_routes, reduction, init, name, device
     return attn
 
 
+def as_groups(stages: Sequence[StageSpec]) -> list[list[str]]:
+    """Stage specs as lists of names: ``"layer1"`` -> ``["layer1"]``, a group stays a list."""
+    return [[s] if isinstance(s, str) else list(s) for s in stages]
+
+
 def stage_groups(model: nn.Module, stages: Sequence[StageSpec] | None) -> list[list[str]]:
     """``stages`` (default: ``model.stage_names``) as lists of names, checked: every name a submodule, a group's members consecutive children of one parent."""
     if stages is None:
@@ -294,7 +302,7 @@ def stage_groups(model: nn.Module, stages: Sequence[StageSpec] | None) -> list[l
                              "['layer1', 'layer2', 'layer3', 'layer4'] for a ResNet")
     if isinstance(stages, str) or not len(stages):
         raise ValueError(f"stages must be a non-empty list of module names (or of lists of names), got {stages!r}")
-    groups = [[s] if isinstance(s, str) else list(s) for s in stages]
+    groups = as_groups(stages)
     seen: set[str] = set()
     for group in groups:
         if not group or not all(isinstance(n, str) and n for n in group):
@@ -342,7 +350,7 @@ def _declared_channels(model: nn.Module, groups: list[list[str]]) -> tuple[list[
     ins, outs = getattr(model, "stage_channels", None), getattr(model, "out_channels", None)
     if names is None or ins is None or outs is None:
         return None
-    if [[n] if isinstance(n, str) else list(n) for n in names] != groups:
+    if as_groups(names) != groups:
         return None
     return list(ins), list(outs)
 
