@@ -45,14 +45,19 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
         # one learning-rate schedule for every row but the re-warmed ones; the procedures' gradient scale differs
         assert (replace(cfg.optim, procedure_grad_scale=1.0, rewarm_epochs=0.0), cfg.data.dataset) == (
             base.optim, "fashion-mnist")
-        assert cfg.optim.rewarm_epochs == (2.0 if row.endswith("_rewarm") else 0.0)
-        if spec.part in ("capacity", "narrow"):  # the 10-epoch schedule of the capacity control
-            assert (cfg.schedule.epochs, cfg.schedule.stem_epochs, cfg.data.batch_size) == (10, 4, 256)
-            assert cfg.run.mode == "baseline" or spec.part == "narrow"
-            assert cfg.model.width_mult == (0.0625 if row in ("narrow_baseline", "narrow_rmn", "narrow_rmn_pooledbn") else cfg.model.width_mult)
+        rewarm = row.endswith("_rewarm")
+        # the capacity control is at width 1/8 (the Fashion study's); everything after it at 1/16
+        assert cfg.model.width_mult == (0.0625 if spec.part != "capacity" and row != "narrow_wide2x" else
+                                        cfg.model.width_mult)
+        if spec.part in ("capacity", "narrow", "screen"):  # the 10-epoch schedule of the capacity control
+            assert (cfg.schedule.epochs, cfg.data.batch_size) == (10, 256)
+            assert cfg.schedule.stem_epochs == (2 if rewarm else 4)
+            assert cfg.optim.rewarm_epochs == (1.0 if rewarm else 0.0)
+            assert cfg.run.mode == "baseline" or spec.part != "capacity"
         else:  # the paper's regime: a third of 40 epochs plain, or cloning earlier (upcycling practice)
             early = row.endswith(("_early", "_rewarm"))
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 7 if early else 13)
+            assert cfg.optim.rewarm_epochs == (2.0 if rewarm else 0.0)
             assert spec.part == "beyond" or not early
         if cfg.run.mode == "rmn":
             assert cfg.model.match_batchnorm == row.endswith("_bnm")
@@ -60,7 +65,8 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert cfg.optim.procedure_grad_scale == (2.83 if row.endswith("_gs2.83") else 1.0)
             assert cfg.model.routed_stages == ([2, 3] if row.endswith("_late") else None)
             assert cfg.model.num_procedures == (4 if row.endswith("_n4") else 8)
-            assert cfg.model.attention == ("ca" if "_ca_" in row else "none")
+            assert cfg.model.attention == ("ca" if "_ca" in row else "none")
+            assert cfg.model.memory_momentum == {"frozen": 1.0, "slowmem": 0.99}.get(row.rsplit("_", 1)[1], 0.9)
 
 
 def test_reused_baseline_results_come_from_the_same_config(study, tmp_path):
@@ -74,7 +80,7 @@ def test_reused_baseline_results_come_from_the_same_config(study, tmp_path):
 
 def test_the_wide_row_has_rmn_s_parameter_count(study):
     spec = rdata.dataset_spec("fashion-mnist")
-    rmn_cfg = load_config(ROOT / study.config_path("e40_rmn_256"))
+    rmn_cfg = load_config(ROOT / study.config_path("e40_rmn_256"), {"model.width_mult": 0.125})
     rmn = count_params(clone_network(rmn_cfg, build_stem_network(rmn_cfg, spec, 28)))
     wide = count_params(build_stem_network(load_config(ROOT / study.config_path("wide_params")), spec, 28))
     assert (rmn, wide) == (1_405_218, 1_404_210)
