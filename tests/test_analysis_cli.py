@@ -80,8 +80,9 @@ def test_latency_smoke_small():
     report = run_latency(models=["resnet18"], image_size=32, batch_sizes=(1, 4), repeats=2, large_repeats=1,
                          warmup=0, inner=1, width_mult=0.125, pool=16, log=lambda s: None)
     res = report["results"][0]
-    assert set(res["variants"]) == {"backbone", "rmn", "rmn_ca"}
+    assert set(res["variants"]) == {"backbone", "backbone_copy", "rmn", "rmn_ca"}
     assert res["variants"]["backbone"]["batch1"]["ratio"] == 1.0
+    assert "backbone_copy" not in res["routes"]  # the control is the plain network, its own copy
     assert all(e["batch4"]["images_per_s"] > 0 for e in res["variants"].values())
     assert len(res["routes"]["rmn"]) == 4
     assert "random weights" in format_latency(report)
@@ -118,3 +119,14 @@ def test_dispatch_command_writes_its_json_report(tmp_path, capsys):
                           "--eval-repeats", "1", "--train-repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["results"]) == {"cifar_eval", "cifar_train"}
+
+
+def test_latency_control_is_the_backbone_in_its_own_memory():
+    from rmn.analysis.latency import build_variants
+
+    models = build_variants("resnet18", 32, num_classes=10, variants=("backbone", "backbone_copy"), width_mult=0.125)
+    a, b = models["backbone"], models["backbone_copy"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(a.parameters(), b.parameters()))

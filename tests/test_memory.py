@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rmn.memory import MemoryBank, nearest
+from rmn.memory import MemoryBank, nearest, stage_feature
 
 
 def brute_nearest(f, m):
@@ -83,3 +83,42 @@ def test_bad_arguments(kw, msg):
 def test_set_memories_shape_error():
     with pytest.raises(ValueError, match="shape"):
         MemoryBank(2, 3).set_memories(torch.zeros(3, 3))
+
+
+def test_stage_feature_of_float32_is_the_float32_mean_whatever_the_layout():
+    x = torch.randn(5, 6, 7, 3) * 3 + 1
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(stage_feature(t), torch.mean(t, dim=(2, 3), dtype=torch.float32))
+    assert stage_feature(x.bfloat16()).dtype == torch.float32
+
+
+def test_cached_squared_norms_follow_every_change_of_the_memories():
+    """The routes of a bank with cached ||m||^2 equal the uncached reference after every way the
+    memories change: in-place updates, loads, reassignment, a copy."""
+    torch.manual_seed(0)
+    bank = MemoryBank(8, 16, momentum=0.5).train()
+    f = torch.randn(64, 16)
+
+    def check(b):
+        assert torch.equal(b.route(f), nearest(f, b.memories.clone()))
+
+    bank.set_memories(torch.randn(8, 16))
+    check(bank)
+    with torch.enable_grad():
+        bank.route(f * 3)  # records statistics; update() moves the memories in place
+    bank.update()
+    check(bank)
+    bank.memories.mul_(-1)
+    check(bank)
+    bank.load_state_dict({**bank.state_dict(), "memories": torch.randn(8, 16)})
+    check(bank)
+    bank.memories = torch.randn(8, 16)
+    check(bank)
+    copy = __import__("copy").deepcopy(bank)
+    copy.memories.add_(5)
+    check(copy)
+    check(bank)
+    with torch.inference_mode():  # tensors made here have no version counter: no cache, same routes
+        fresh = MemoryBank(8, 16).eval()
+        fresh.set_memories(torch.randn(8, 16))
+        assert torch.equal(fresh.route(f), nearest(f, fresh.memories))

@@ -38,18 +38,27 @@ from .precision import float32_only
 def stage_feature(x: torch.Tensor) -> torch.Tensor:
     """What a memory is compared with: the global-average-pooled stage input [B, C], accumulated and
     returned in float32 whatever the autocast dtype of ``x``. Never differentiated."""
+    if x.dtype == torch.float32:  # the same values; asking for dtype= adds a copy (~60 us at batch 1 on a CPU)
+        return x.detach().mean(dim=(2, 3))
     return torch.mean(x.detach(), dim=(2, 3), dtype=torch.float32)
 
 
 @float32_only
-def nearest(features: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+def nearest(features: torch.Tensor, memories: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest memory (Euclidean) for each row of ``features`` [B, C], in float32
-    whatever the autocast state (a bf16 distance would flip routes between close memories)."""
+    whatever the autocast state (a bf16 distance would flip routes between close memories).
+    ``sq_norms``: the memories' squared norms if already known (:func:`squared_norms`); the same values."""
     f = features.float()
     m = memories.float()
     # ||f - m||^2 = ||f||^2 - 2 f.m + ||m||^2; ||f||^2 is constant per row and cannot change the argmin.
-    d = m.pow(2).sum(1).unsqueeze(0) - 2.0 * (f @ m.t())
+    sq = squared_norms(m) if sq_norms is None else sq_norms
+    d = sq.unsqueeze(0) - 2.0 * (f @ m.t())
     return d.argmin(dim=1)
+
+
+def squared_norms(memories: torch.Tensor) -> torch.Tensor:
+    """||m||^2 per memory, in float32: the part of the distance that only changes with the memories."""
+    return memories.float().pow(2).sum(1)
 
 
 class MemoryBank(nn.Module):
@@ -110,6 +119,8 @@ class MemoryBank(nn.Module):
             self.register_buffer("ema_count", torch.zeros(num_memories, dtype=f64))
         # Samples each memory received in the last step (over all ranks); None before the first.
         self.last_counts: torch.Tensor | None = None
+        self._sq: torch.Tensor | None = None  # squared_norms() and (the memories, their version) it is of
+        self._sq_of: tuple[torch.Tensor, int] | None = None
 
     def extra_repr(self) -> str:
         extra = "" if self.rule == "ema" else f", rule={self.rule}"
@@ -124,10 +135,24 @@ class MemoryBank(nn.Module):
             raise ValueError(f"memory of dim {self.dim} got features of shape {tuple(features.shape)}")
         record = self.training and torch.is_grad_enabled()
         with torch.no_grad():
-            routes = nearest(features, self.memories)
+            routes = nearest(features, self.memories, self.squared_norms())
             if record:
                 self.accumulate(features, routes)
         return routes
+
+    def squared_norms(self) -> torch.Tensor:
+        """:func:`squared_norms` of the memories, kept between calls while the memories stay the same
+        tensor at the same version (every in-place change, an update or a load, bumps it): at batch 1 the
+        two ops it saves are a measurable part of routing (BENCHMARKS.md)."""
+        m = self.memories
+        try:
+            version = m._version
+        except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
+            return squared_norms(m)
+        # the cache holds the memories tensor itself, so its identity cannot pass to a new tensor
+        if self._sq_of is None or self._sq_of[0] is not m or self._sq_of[1] != version:
+            self._sq, self._sq_of = squared_norms(m), (m, version)
+        return self._sq
 
     @torch.no_grad()
     def accumulate(self, features: torch.Tensor, routes: torch.Tensor) -> None:

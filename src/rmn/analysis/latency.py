@@ -11,11 +11,17 @@ Measurement: all variants of one backbone live in one process and are timed **in
 records the mean time per pass; the statistic reported is the median over blocks. On CUDA every
 block is bracketed by ``torch.cuda.synchronize()``.
 
+The ``backbone_copy`` variant is a control: a second copy of the backbone, timed like the others. Its
+ratio to the backbone would be 1 on a quiet, deterministic machine; how far it lands from 1 is the noise
+floor of that run (on a shared 2-core VM it has ranged from 0.94 to 1.07), and no ratio of a routed
+variant means more than that.
+
 ``python -m rmn.analysis.latency --help`` (also ``rmn bench latency`` and ``benchmarks/latency.py``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -31,7 +37,7 @@ from ..route import has_routing, route
 from .calibrate import calibrate_memories, measure_route_counts
 from .cost import pretty_name, write_report
 
-VARIANT_LABELS = {"backbone": "backbone", "rmn": "RMN without CA", "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE",
+VARIANT_LABELS = {"backbone": "backbone", "backbone_copy": "backbone, 2nd copy (control)", "rmn": "RMN without CA", "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE",
                   "rmn_one": "RMN w/o CA, 1 route"}
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_b0")
 # The paper's supplementary table (CPU, ms per 224x224 image) and the project's targets for the overhead.
@@ -60,7 +66,7 @@ def build_variants(
     image_size: int = 224,
     num_classes: int = 1000,
     num_procedures: int = 8,
-    variants: Sequence[str] = ("backbone", "rmn", "rmn_ca"),
+    variants: Sequence[str] = ("backbone", "backbone_copy", "rmn", "rmn_ca"),
     calibration: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
@@ -74,6 +80,8 @@ def build_variants(
     for key in variants:
         if key == "backbone":
             model = bb
+        elif key == "backbone_copy":  # the control: same network, its own weights in memory
+            model = copy.deepcopy(bb)
         elif key in ("rmn", "rmn_ca", "rmn_se", "rmn_one"):
             attention = {"rmn": False, "rmn_ca": True, "rmn_se": "se", "rmn_one": False}[key]
             model = route(bb, None, num_procedures, attention, attention_init="random").eval()
@@ -140,7 +148,7 @@ def bench_backbone(
     repeats: dict[int, int] | int = 30,
     warmup: int = 2,
     inner: dict[int, int] | int = 1,
-    variants: Sequence[str] = ("backbone", "rmn", "rmn_ca"),
+    variants: Sequence[str] = ("backbone", "backbone_copy", "rmn", "rmn_ca"),
     num_procedures: int = 8,
     pool: int = 64,
     device: torch.device | str = "cpu",
@@ -249,7 +257,7 @@ def run_latency(
     large_repeats: int = 8,
     warmup: int = 2,
     inner: int = 5,
-    variants: Sequence[str] = ("backbone", "rmn", "rmn_ca"),
+    variants: Sequence[str] = ("backbone", "backbone_copy", "rmn", "rmn_ca"),
     num_procedures: int = 8,
     device: str = "cpu",
     threads: int | None = None,
@@ -338,7 +346,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--procedures", type=int, default=8)
     p.add_argument("--width-mult", type=float, default=1.0, help="channel width multiplier (1 = the standard models)")
-    p.add_argument("--variants", nargs="+", default=["backbone", "rmn", "rmn_ca"], choices=sorted(VARIANT_LABELS))
+    p.add_argument("--variants", nargs="+", default=["backbone", "backbone_copy", "rmn", "rmn_ca"],
+                   choices=sorted(VARIANT_LABELS), help="backbone_copy: a second copy of the backbone, the run's noise floor")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="resnet18 only, few repeats: a smoke run")
