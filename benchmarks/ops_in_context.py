@@ -1,0 +1,107 @@
+"""What routing's small ops cost *between* the convolutions of a real network, at batch 1.
+
+A routed stage adds a few small ops before its procedure: the stage input's GAP, the distance to N memories, an
+argmin and a host read of the route. Alone, in a loop, they take a few microseconds each. This benchmark puts them
+(as forward pre-hooks, computed and thrown away) at the four stage boundaries of the *plain* ResNet-18 at 224x224
+and times the network against itself without hooks, interleaved: what remains is the cost of those ops in
+context, with no routing, no procedure copies and no weights changing between calls. Minor page faults per image
+are counted too (``getrusage``), to tell an allocator returning memory to the system from the ops themselves.
+
+    .venv/bin/python benchmarks/ops_in_context.py [--rounds 30]   # -> benchmarks/results/ops_in_context.json
+    .venv/bin/python benchmarks/ops_in_context.py --quick         # smoke run: 3 rounds, writes nothing
+
+Ratios are process CPU time per image over the hook-free network's, medians of interleaved rounds of 5 passes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from results_file import write_results  # noqa: E402
+from rmn.analysis.latency import build_variants, varied_images  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "ops_in_context.json"
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def hooks(memories: dict[str, torch.Tensor]) -> dict:
+    """Per variant, the work done at each stage boundary (None: the plain network)."""
+    sq = {n: m.pow(2).sum(1) for n, m in memories.items()}
+    return {
+        "plain": None,
+        "one tiny op (||m||^2 + 1)": lambda n, x: sq[n] + 1,
+        "argmin + host read": lambda n, x: int(sq[n].argmin()),
+        "GAP": lambda n, x: x.mean((2, 3)),
+        "GAP + distance": lambda n, x: sq[n] - 2.0 * (x.mean((2, 3)) @ memories[n].t()),
+        "GAP + distance + argmin + host read (a route)":
+            lambda n, x: int((sq[n] - 2.0 * (x.mean((2, 3)) @ memories[n].t())).argmin()),
+    }
+
+
+def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
+    torch.manual_seed(0)
+    pool = varied_images(64, image_size)
+    plain = build_variants("resnet18", image_size, variants=("backbone",))["backbone"]
+    memories = {n: torch.randn(8, c) for n, c in zip(STAGES, (64, 64, 128, 256))}
+    models = {}
+    for key, fn in hooks(memories).items():
+        m = copy.deepcopy(plain)  # every variant its own copy, allocated the same way
+        if fn is not None:
+            for n in STAGES:
+                getattr(m, n).register_forward_pre_hook(lambda mod, args, n=n, fn=fn: (fn(n, args[0]), None)[1])
+        models[key] = m
+    times: dict[str, list[float]] = {k: [] for k in models}
+    faults: dict[str, int] = {k: 0 for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            for i in range(3):
+                m(pool[i:i + 1])
+        for r in range(rounds):
+            order = list(models.items()) if r % 2 else list(models.items())[::-1]
+            for key, m in order:
+                minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.process_time()
+                for i in range(passes):
+                    j = (r * passes + i) % pool.shape[0]
+                    m(pool[j:j + 1])
+                times[key].append((time.process_time() - start) / passes)
+                faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt
+    base = statistics.median(times["plain"])
+    return {key: {"cpu_ms_per_image": 1e3 * statistics.median(t), "ratio": statistics.median(t) / base,
+                  "per_stage_us": 1e6 * (statistics.median(t) - base) / len(STAGES),
+                  "page_faults_per_image": faults[key] / (rounds * passes)}
+            for key, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="3 rounds at 64x64, writes nothing")
+    ap.add_argument("--out", help="results file (default: benchmarks/results/ops_in_context.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds = 3 if args.quick else args.rounds
+    rows = measure(rounds, image_size=64 if args.quick else 224)
+    for key, row in rows.items():
+        print(f"{key:48s} {row['cpu_ms_per_image']:7.2f} ms  x{row['ratio']:.3f}  {row['per_stage_us']:+7.0f} us per stage"
+              f"  {row['page_faults_per_image']:5.1f} page faults per image")
+    report = {"benchmark": "ops_in_context", "rows": rows, "threads": args.threads, "rounds": rounds,
+              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    path = write_results(report, args.out, args.quick, RESULTS)
+    if path:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
