@@ -232,3 +232,22 @@ def test_load_weights_reports_mismatches_in_one_line(tmp_path):
         assert "\n" not in str(err.value) and str(bad) in str(err.value)
     with pytest.raises(WeightsError, match=r"not a state-dict file \(expected \.pth"):
         read_state_dict(tmp_path / "w.npz")
+
+
+def test_a_state_dict_saved_from_a_wrapped_model_loads_into_the_bare_one(tmp_path):
+    """DistributedDataParallel adds ``module.`` and torch.compile ``_orig_mod.`` to every name."""
+    from rmn.backbones import load_weights, read_state_dict
+
+    torch.manual_seed(0)
+    sd = ResNet18(width=8, num_classes=10, small=True).state_dict()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        path = tmp_path / "wrapped.pth"
+        torch.save({"state_dict": {prefix + k: v for k, v in sd.items()}}, path)
+        read = read_state_dict(path)
+        assert list(read) == list(sd)
+        model = rmn.create_backbone("resnet18", num_classes=10, image_size=32, width_mult=0.125)
+        load_weights(model, read, source=str(path))
+        assert torch.equal(model.conv1.weight, sd["conv1.weight"])
+    partly = {("module." + k if i else k): v for i, (k, v) in enumerate(sd.items())}  # not a wrapper's: left alone
+    torch.save(partly, tmp_path / "partly.pth")
+    assert list(read_state_dict(tmp_path / "partly.pth")) == list(partly)

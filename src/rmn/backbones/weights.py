@@ -59,7 +59,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
         raise WeightsError(f"{path}: entry {bad[0]!r} is not a named tensor (not a state dict)")
-    return dict(obj)
+    return strip_wrapper_prefixes(dict(obj))
+
+
+# What wrapping a model adds to every name of its state dict: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with a prefix that *every* name shares and that only a wrapper adds (``module.``,
+    ``_orig_mod.``, in any nesting) removed, so a checkpoint saved from a wrapped model loads into the bare one."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
 
 
 def _listed(keys: list[str]) -> str:
