@@ -35,7 +35,19 @@ def epoch_log(out: Path) -> dict:
         return min(shares) if shares else None
 
     return {"revived": sum(r.get("revived", 0) for r in rows),
-            "per_epoch": [{**{k: r.get(k) for k in keys}, "min_load_share": smallest_share(r)} for r in rows]}
+            "per_epoch": [{**{k: r.get(k) for k in keys}, "min_load_share": smallest_share(r), **routing_measures(r)}
+                          for r in rows]}
+
+
+def routing_measures(r: dict) -> dict:
+    """A routed epoch's measurements (rmn.recipe.measures) per routed stage, in stage order: the share of test
+    samples whose route changed since the last evaluation, and the mean over procedures of the gradient norm."""
+    def per_stage(prefix: str) -> list:
+        return [r[k] for k in sorted((k for k in r if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))]
+
+    flips = per_stage("route_flips_stage")
+    norms = [sum(v) / len(v) if v else 0.0 for v in per_stage("grad_norm_stage")]
+    return {**({"route_flips": flips} if flips else {}), **({"grad_norm": norms} if norms else {})}
 
 
 def train_and_record(cfg, dest: Path, **fields) -> dict:

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rmn.recipe import load_config  # noqa: E402
-from study_runs import ensure_data, train_and_record  # noqa: E402
+from study_runs import ensure_data, routing_measures, train_and_record  # noqa: E402
 
 BASE = "configs/fashion/base.yaml"
 CONFIGS = "configs/value_study"
@@ -59,6 +59,8 @@ PARTS = {"capacity": "Capacity control (10 epochs, batch 256)",
          "screen": "Screening changes beyond the paper (width 1/16, 10 epochs, batch 256, one change each)",
          "paper": "The paper's regime (width 1/16, 40 epochs, 13 plain)",
          "beyond": "Beyond the paper (paper regime, RMN N=8 at batch 256, one change each)"}
+# Rows drawn (dashed) beside a part's own in its figure: what its one-change rows are compared with.
+REFERENCES = {"screen": ("narrow_baseline", "narrow_rmn"), "beyond": ("e40_baseline", "e40_rmn_256")}
 # width_mult whose dense network has RMN N=8's parameter count (see the module docstring)
 WIDTH_AT_RMN_PARAMS = 0.354
 
@@ -271,6 +273,9 @@ def render(summary: list[dict]) -> str:
         if any(r["part"] == part and ROWS[r["row"]].main for r in summary):
             text += (f"\n\n![{PARTS[part]}: per-epoch test top-1 and training loss (mean over seeds)]"
                      f"({figure_path(part).relative_to(ROOT)})")
+        if routing_rows(summary, part):
+            text += (f"\n\n![{PARTS[part]}: route flips between epochs and procedure gradient norms (mean over seeds)]"
+                     f"({routing_path(part).relative_to(ROOT)})")
     return text
 
 
@@ -295,11 +300,14 @@ def draw(summary: list[dict]) -> list[Path]:
             continue
         fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
         low = []
-        for r in rows:
+        refs = [r for r in summary if r["row"] in REFERENCES.get(part, ())]
+        for r in refs + rows:
             epochs, l, t = curves(r)
-            name = f"{r['label']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
-            acc.plot(epochs, t, marker=".", label=name)
-            loss.plot(epochs, l, marker=".", label=name)
+            ref = r in refs
+            name = f"{r['label']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})" + (" [reference]" if ref else "")
+            style = {"linestyle": "--", "color": ("black", "grey")[refs.index(r) % 2]} if ref else {"marker": "."}
+            acc.plot(epochs, t, label=name, **style)
+            loss.plot(epochs, l, label=name, **style)
             low += t[len(t) // 3:]
         clones = {load_config(ROOT / r["config"]).schedule.stem_epochs for r in rows if r["kind"] == "rmn"}
         for e in clones:  # where the RMN rows clone and start routing
@@ -320,6 +328,58 @@ def draw(summary: list[dict]) -> list[Path]:
     return written
 
 
+def routing_path(part: str) -> Path:
+    return DOCS / f"value_study_{part}_routing.png"
+
+
+def routing_curves(summary_row: dict) -> tuple[list[int], list[float], list[float]]:
+    """Per routed epoch, mean over seeds and stages: the share of test samples whose route changed since the
+    previous epoch (NaN at the first routed epoch, which has no previous routes), and the procedures' mean
+    gradient norm; epochs with neither are left out."""
+    runs = [json.loads((ROOT / f).read_text())["per_epoch"] for f in summary_row["results"]]
+
+    def mean_of(key: str, k: int) -> float:
+        values = [statistics.mean(e[key]) for r in runs for e in r if e["epoch"] == k and e.get(key)]
+        return statistics.mean(values) if values else float("nan")
+
+    epochs = sorted({e["epoch"] for r in runs for e in r if e.get("route_flips") or e.get("grad_norm")})
+    return epochs, [mean_of("route_flips", k) for k in epochs], [mean_of("grad_norm", k) for k in epochs]
+
+
+def routing_rows(summary: list[dict], part: str) -> list[dict]:
+    return [r for r in summary if r["part"] == part and r["kind"] == "rmn" and routing_curves(r)[0]]
+
+
+def draw_routing(summary: list[dict]) -> list[Path]:
+    """Per part, route flips between epochs and procedure gradient norms of its RMN rows (where measured)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for part in PARTS:
+        rows = routing_rows(summary, part)
+        if not rows:
+            continue
+        fig, (fl, gn) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in rows:
+            epochs, flips, norms = routing_curves(r)
+            name = f"{r['label']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
+            fl.plot(epochs, [100 * f for f in flips], marker=".", label=name)
+            gn.plot(epochs, norms, marker=".", label=name)
+        fl.set(xlabel="epoch", ylabel="% of test samples", title="route changed since the previous epoch (mean of stages)")
+        gn.set(xlabel="epoch", ylabel="L2 norm", title="procedure gradient norm (mean of procedures and stages)")
+        for ax in (fl, gn):
+            ax.grid(alpha=0.3)
+        fl.legend(fontsize=7)
+        fig.suptitle(f"Value study, routing: {PARTS[part]}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(routing_path(part), dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        written.append(routing_path(part))
+    return written
+
+
 def split_reproduction(text: str) -> tuple[str, str, str]:
     """REPRODUCTION.md as (up to and with BEGIN, the generated block, from END on)."""
     if BEGIN not in text or END not in text:
@@ -329,9 +389,35 @@ def split_reproduction(text: str) -> tuple[str, str, str]:
     return head + BEGIN, block.strip("\n"), END + tail
 
 
-def collect(source: Path | None) -> list[dict]:
-    """Copy finished runs' result files from ``source``, then rebuild summary.json, figures and table."""
+def backfill_measures(result: Path, runs: Path) -> bool:
+    """Add the routing measurements (route flips, gradient norms) to a result file written before its
+    per-epoch log kept them, from its run folder's metrics.jsonl (``<runs>/<row>/seed<k>``). True if changed."""
+    data = json.loads(result.read_text())
+    metrics = runs / data["row"] / f"seed{data['seed']}" / "metrics.jsonl"
+    if data["kind"] != "rmn" or not metrics.is_file() or any("route_flips" in e for e in data["per_epoch"]):
+        return False
+    by_epoch = {r["epoch"]: r for r in map(json.loads, metrics.read_text().splitlines()) if "epoch" in r}
+    added = False
+    for e in data["per_epoch"]:
+        measures = routing_measures(by_epoch.get(e["epoch"], {}))
+        e.update(measures)
+        added |= bool(measures)
+    if not added:  # a run older than the measurements
+        return False
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(result)
+    return True
+
+
+def collect(source: Path | None, runs: Path | None = None) -> list[dict]:
+    """Copy finished runs' result files from ``source`` (adding the routing measurements from their run folders
+    under ``runs`` where they lack them), then rebuild summary.json, figures and table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if runs is not None:  # before copying, so that a copied file and its source stay equal
+        for p in sorted((source or RESULTS).glob("*-seed*.json")):
+            if p.stem.rsplit("-seed", 1)[0] in ROWS and backfill_measures(p, runs):
+                print(f"added route flips and gradient norms to {p} from {runs}")
     if source is not None:
         for p in sorted(source.glob("*-seed*.json")):
             if p.stem.rsplit("-seed", 1)[0] in ROWS and (not (RESULTS / p.name).exists()
@@ -341,6 +427,7 @@ def collect(source: Path | None) -> list[dict]:
     summary = summarize()
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     draw(summary)
+    draw_routing(summary)
     doc = ROOT / "REPRODUCTION.md"
     head, _, tail = split_reproduction(doc.read_text())
     doc.write_text(f"{head}\n{render(summary)}\n{tail}")
@@ -361,6 +448,8 @@ def main() -> None:
     r.add_argument("--results", default=str(RESULTS), help="where each run's <row>-seed<k>.json goes")
     k = sub.add_parser("collect", help="copy result files, rebuild summary.json, figures and REPRODUCTION.md's table")
     k.add_argument("--from", dest="source", default=None, help="folder of result files written by `run --results`")
+    k.add_argument("--runs", default=None, help="folder of the run folders (`run --runs`): routing measurements of "
+                                                "result files written before they were kept")
     args = ap.parse_args()
     if args.command == "configs":
         stale = stale_configs()
@@ -378,7 +467,7 @@ def main() -> None:
             for row in args.rows:
                 run_one(row, seed, args.threads, Path(args.runs), Path(args.results))
     else:
-        collect(Path(args.source) if args.source else None)
+        collect(Path(args.source) if args.source else None, Path(args.runs) if args.runs else None)
 
 
 if __name__ == "__main__":
