@@ -15,6 +15,8 @@ records the training loss of the batch (as the training loop sees it); at the en
   as the features do);
 * ``routed, pooled BN, random routes``: a fresh uniformly random procedure for every sample and step (and in the
   test), so each procedure trains on a random eighth of every batch instead of one cluster;
+* ``routed, pooled BN, untied over the epoch``: each procedure's gradient a mix of its own and the shared
+  stage's, from tied to untied over the epoch (``optim.untie_epochs: 1``, rmn.training.tie_procedure_gradients);
 * ``routed, pooled BN, gradients x N``: and each procedure's gradient scaled back to the plain network's size
   (``optim.procedure_grad_scale: N``).
 
@@ -57,6 +59,7 @@ VARIANTS = {  # name -> (routed?, config overrides, divide the plain network's s
     "routed, pooled BN, memories frozen": (True, {"procedure_batchnorm": "pooled", "memory_momentum": 1.0}, False),
     "routed, pooled BN, random routes": (True, {"procedure_batchnorm": "pooled", "random_routes": True}, False),
     "routed, pooled BN, gradients x N": (True, {"procedure_batchnorm": "pooled", "procedure_grad_scale": None}, False),
+    "routed, pooled BN, untied over the epoch": (True, {"procedure_batchnorm": "pooled", "untie_epochs": 1.0}, False),
 }
 
 
@@ -72,6 +75,8 @@ def open_run(stem: Path, tmp: str, overrides: dict, procedures: int | None = Non
             continue  # applied after step 3, in run_variant
         if key == "procedure_grad_scale":
             cfg.optim.procedure_grad_scale = float(value or cfg.model.num_procedures)
+        elif key == "untie_epochs":
+            cfg.optim.untie_epochs = value
         else:
             setattr(cfg.model, key, value)
     return Run.open(cfg)
@@ -133,7 +138,8 @@ def draw(report: dict, path: Path) -> None:
     for name, r in report["variants"].items():
         ax.plot(smooth(r["step_losses"], 20), label=f"{name}: test top-1 {r['test_top1']:.2f}%")
     ax.set(xlabel=f"optimizer step after step 1 (batch {report['batch']})", ylabel="training loss (mean of 20 steps)",
-           title=f"After cloning, same batches for every variant (step 1: {report['stem']})")
+           title=f"The first routed epoch, same batches for every variant (step 1: {Path(report['stem']).name})",
+           yscale="log", ylim=(0.3, 4.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -152,7 +158,11 @@ def main() -> None:
                                                                    "is the same for every N")
     ap.add_argument("--out", default=str(ROOT / "results" / "value_study"), help="folder of the results file")
     ap.add_argument("--figure", default=str(ROOT / "docs" / "value_study_post_clone.png"))
+    ap.add_argument("--draw", metavar="RESULTS_JSON", help="only redraw the figure from a results file")
     args = ap.parse_args()
+    if args.draw:
+        draw(json.loads(Path(args.draw).read_text()), Path(args.figure))
+        return
     torch.set_num_threads(1)
     stem = Path(args.stem)
     if args.config and latest_checkpoint(stem / "checkpoints") is None:

@@ -98,6 +98,33 @@ def scale_procedure_gradients(model: nn.Module, factor: float) -> None:
 
 
 @torch.no_grad()
+def tie_procedure_gradients(model: nn.Module, untied: float) -> None:
+    """Give every procedure of each routed stage ``untied * g_j + (1 - untied) * sum_k g_k``: a mix of its own
+    gradient ``g_j`` and the gradient a single, shared stage would receive (the sum over the procedures).
+
+    ``untied = 0`` keeps the procedures tied: they all take the plain network's step and, with the optimizer
+    state cloned in step 2, stay copies of each other (with pooled BatchNorm the routed network then trains
+    exactly as the plain one). ``untied = 1`` is the paper's routed training. Rising from 0 to 1 after cloning
+    (``optim.untie_epochs``), each procedure starts from the shared step and specialises gradually, instead of
+    N copies drifting apart at once on their own eighths of the batch (results/value_study/post_clone-*.json).
+    A procedure without a gradient (no sample) counts as zero and receives the shared part. Call after
+    :func:`drop_idle_gradients` and before any scaling."""
+    if untied >= 1.0:
+        return
+    for stage in routed_stages(model):
+        if stage.memory is None or stage.num_procedures < 2:
+            continue
+        per_procedure = [list(proc.parameters()) for proc in stage.procedures]
+        for params in zip(*per_procedure):
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
+            shared = torch.stack(grads).sum(0).mul_(1.0 - untied)
+            for p in params:
+                p.grad = shared.clone() if p.grad is None else p.grad.mul_(untied).add_(shared)
+
+
+@torch.no_grad()
 def procedure_grad_norms(model: nn.Module) -> dict[int, torch.Tensor]:
     """Per routed stage (by its index in :func:`rmn.routed_stages`), ``[N]``: the L2 norm of each procedure's
     gradient over all its parameters, NaN for a procedure without one (it received no sample). Computed

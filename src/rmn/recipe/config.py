@@ -88,6 +88,10 @@ class OptimConfig:
     # epochs, then the cosine to optim.end_lr over the remaining steps (rmn.recipe.schedule). A baseline
     # under the same config follows the same curve (mode "both" stays a same-schedule comparison).
     rewarm_epochs: float = 0.0
+    # Beyond the paper: after cloning, procedures start tied (each gets the gradient the shared stage would,
+    # the sum over procedures) and untie linearly over this many epochs (rmn.training.tie_procedure_gradients).
+    # 0: the paper, each procedure trains on its own samples from the first routed step.
+    untie_epochs: float = 0.0
 
 
 @dataclass
@@ -177,6 +181,7 @@ class Config:
             (o.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
             (o.rewarm_epochs >= 0, "optim.rewarm_epochs must be >= 0"),
+            (o.untie_epochs >= 0, "optim.untie_epochs must be >= 0"),
             (r.amp in AMP_DTYPES, f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
             (r.baseline_attention in ("none", "se"),

@@ -6,7 +6,7 @@
 
 One step: set the LR, run the micro-batches (gradients all-reduced on the last), update the memories
 once over the whole batch, revive idle memories, drop the gradients of procedures that saw no sample,
-scale the procedures' gradients, measure them (:mod:`rmn.recipe.measures`), and let the (fp16) scaler
+tie the procedures' gradients while they untie (``optim.untie_epochs``), scale them, measure them (:mod:`rmn.recipe.measures`), and let the (fp16) scaler
 take the optimizer step.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from .. import distributed
 from ..memory import load_stats
 from ..route import is_routed, memory_banks, num_procedures, reset_load, routed_stages, set_auto_update, update_memories
-from ..training import drop_idle_gradients, procedure_grad_norms, reclone_procedure, scale_procedure_gradients
+from ..training import (drop_idle_gradients, procedure_grad_norms, reclone_procedure, scale_procedure_gradients,
+                        tie_procedure_gradients)
 from .logs import RunClock, Throughput, progress, progress_mode
 from .measures import GradNormMeans, remember_routes, remembered_routes, route_flips
 from .run import RecipeError, Run
-from .schedule import Schedule
+from .schedule import Schedule, untied_at
 
 HOST_CHECK_EVERY = 25  # on an accelerator, steps between host reads of the loss (divergence check, progress bar)
 
@@ -108,6 +109,10 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tally: Tally) -> tupl
     tally.revived += revive(run, update_memories(model))  # once per optimizer step, over the whole (global) batch
     drop_idle_gradients(model)
     if is_routed(model):
+        if cfg.optim.untie_epochs > 0:
+            spe = len(run.loaders[0])
+            tie_procedure_gradients(model, untied_at(run.step, cfg.schedule.stem_epochs * spe,
+                                                     round(cfg.optim.untie_epochs * spe)))
         if cfg.optim.procedure_grad_scale != 1.0:
             scale_procedure_gradients(model, cfg.optim.procedure_grad_scale)
         run.scaler.unscale_(run.optimizer)  # fp16: what step() would do first (a no-op otherwise)
