@@ -27,6 +27,7 @@ the smaller step its procedures take, not routing itself.
         # -> results/value_study/post_clone-<stem>.json and a figure docs/value_study_post_clone.png
     .venv/bin/python benchmarks/post_clone.py runs/post_clone/stem --config configs/value_study/narrow_rmn.yaml
         # trains step 1 of that config (seed 0) into the folder first, if it has no checkpoint yet
+A results file for the same step 1 and batches keeps its other variants: ``--variants X`` adds or redoes X.
 """
 from __future__ import annotations
 
@@ -176,14 +177,19 @@ def main() -> None:
         first = open_run(stem, tmp, {})
         batches = training_batches(first, first.cfg.data.batch_size, args.steps)
         first.log.close()
+    out = Path(args.out)
+    path = out / f"post_clone-{stem.resolve().name}.json"
     report = {"stem": str(stem), "batch": batches[0][0].shape[0], "steps": len(batches), "variants": {}}
+    if path.is_file():  # the same step 1 and batches: keep the variants measured before, add (or redo) these
+        old = json.loads(path.read_text())
+        if (old["stem"], old["batch"], old["steps"]) == (report["stem"], report["batch"], report["steps"]):
+            report["variants"] = {k: v for k, v in old["variants"].items() if k in VARIANTS}
     for name in args.variants:
         report["variants"][name] = r = run_variant(stem, name, batches, args.procedures)
         print(f"{name:36s} first 20 steps {sum(r['step_losses'][:20]) / 20:.4f}  last 20 {sum(r['step_losses'][-20:]) / 20:.4f}"
               f"  test loss {r['test_loss']:.4f}  top-1 {r['test_top1']:.2f}%", flush=True)
-    out = Path(args.out)
+    report["variants"] = {k: report["variants"][k] for k in VARIANTS if k in report["variants"]}  # one order
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"post_clone-{stem.resolve().name}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     draw(report, Path(args.figure))
     print(f"wrote {path} and {args.figure}")
