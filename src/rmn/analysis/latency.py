@@ -13,8 +13,8 @@ block is bracketed by ``torch.cuda.synchronize()``.
 
 The ``backbone_copy`` variant is a control: a second copy of the backbone, timed like the others. Its
 ratio to the backbone would be 1 on a quiet, deterministic machine; how far it lands from 1 is the noise
-floor of that run (on a shared 2-core VM it has ranged from 0.94 to 1.07), and no ratio of a routed
-variant means more than that.
+floor of that run (0.985 to 1.022 in three runs on a shared 2-core VM, BENCHMARKS.md), and no ratio of a
+routed variant means more than that.
 
 ``python -m rmn.analysis.latency --help`` (also ``rmn bench latency`` and ``benchmarks/latency.py``).
 """
@@ -37,8 +37,8 @@ from ..route import has_routing, route
 from .calibrate import calibrate_memories, measure_route_counts
 from .cost import pretty_name, write_report
 
-VARIANT_LABELS = {"backbone": "backbone", "backbone_copy": "backbone, 2nd copy (control)", "rmn": "RMN without CA", "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE",
-                  "rmn_one": "RMN w/o CA, 1 route"}
+VARIANT_LABELS = {"backbone": "backbone", "backbone_copy": "backbone, 2nd copy (control)", "rmn": "RMN without CA",
+                  "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE", "rmn_one": "RMN w/o CA, 1 route"}
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_b0")
 # The paper's supplementary table (CPU, ms per 224x224 image) and the project's targets for the overhead.
 PAPER_MS = {

@@ -6,8 +6,8 @@
 
 One step: set the LR, run the micro-batches (gradients all-reduced on the last), update the memories
 once over the whole batch, revive idle memories, drop the gradients of procedures that saw no sample,
-tie the procedures' gradients while they untie (``optim.untie_epochs``), scale them, measure them (:mod:`rmn.recipe.measures`), and let the (fp16) scaler
-take the optimizer step.
+tie the procedures' gradients while they untie (``optim.untie_epochs``), scale them, measure them
+(:mod:`rmn.recipe.measures`), and let the (fp16) scaler take the optimizer step.
 """
 from __future__ import annotations
 
