@@ -49,7 +49,8 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
         # the capacity control is at width 1/8 (the Fashion study's); everything after it at 1/16
         assert cfg.model.width_mult == (0.0625 if spec.part != "capacity" and row != "narrow_wide2x" else
                                         cfg.model.width_mult)
-        if spec.part in ("capacity", "narrow", "screen"):  # the 10-epoch schedule of the capacity control
+        assert (cfg.run.amp, cfg.run.channels_last) == (("bf16", True) if row.endswith("_bf16") else ("none", False))
+        if spec.part in ("capacity", "narrow", "screen", "precision"):  # the 10-epoch schedule of the capacity control
             assert (cfg.schedule.epochs, cfg.data.batch_size) == (10, 256)
             assert cfg.schedule.stem_epochs == (2 if rewarm else 4)
             assert cfg.optim.rewarm_epochs == (1.0 if rewarm else 0.0)
