@@ -117,11 +117,9 @@ ROWS = {
                                {**B256, **E40, **REWARM}, main=False),
     "narrow_baseline": Row("baseline, width 1/16", "narrow", {**B256, "model.width_mult": 0.0625}),
     "narrow_wide2x": Row("baseline, 2x width (1/8)", "narrow", B256, reuse="results/fashion_study/baseline"),
-    "narrow_rmn": Row("RMN N=8 without CA, width 1/16", "narrow", {**RMN, "data.batch_size": 256,
-                                                                    "model.width_mult": 0.0625}),
+    "narrow_rmn": Row("RMN N=8 without CA, width 1/16", "narrow", N_RMN),
     "narrow_rmn_pooledbn": Row("+ procedures' BatchNorm pooled over the batch", "narrow",
-                               {**RMN, "data.batch_size": 256, "model.width_mult": 0.0625,
-                                "model.procedure_batchnorm": "pooled"}),
+                               {**N_RMN, "model.procedure_batchnorm": "pooled"}),
     "narrow_rmn_gs2.83": Row("+ procedure gradients x sqrt(8) = 2.83", "screen",
                              {**N_RMN, "optim.procedure_grad_scale": 2.83}),
     "narrow_rmn_bnm": Row("+ BatchNorm matched at cloning", "screen", {**N_RMN, "model.match_batchnorm": True}),
@@ -305,6 +303,11 @@ def curves(summary_row: dict) -> tuple[list[int], list[float], list[float]]:
     return epochs, loss, top1
 
 
+def legend_name(summary_row: dict) -> str:
+    n = len(summary_row["seeds"])
+    return f"{summary_row['label']} ({n} seed{'s' if n > 1 else ''})"
+
+
 def draw(summary: list[dict]) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -321,7 +324,7 @@ def draw(summary: list[dict]) -> list[Path]:
         for r in refs + rows:
             epochs, l, t = curves(r)
             ref = r in refs
-            name = f"{r['label']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})" + (" [reference]" if ref else "")
+            name = legend_name(r) + (" [reference]" if ref else "")
             style = {"linestyle": "--", "color": ("black", "grey")[refs.index(r) % 2]} if ref else {"marker": "."}
             acc.plot(epochs, t, label=name, **style)
             loss.plot(epochs, l, label=name, **style)
@@ -381,7 +384,7 @@ def draw_routing(summary: list[dict]) -> list[Path]:
         fig, (fl, gn) = plt.subplots(1, 2, figsize=(11, 4))
         for r in rows:
             epochs, flips, norms = routing_curves(r)
-            name = f"{r['label']} ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
+            name = legend_name(r)
             fl.plot(epochs, [100 * f for f in flips], marker=".", label=name)
             gn.plot(epochs, norms, marker=".", label=name)
         fl.set(xlabel="epoch", ylabel="% of test samples", title="route changed since the previous epoch (mean of stages)")
