@@ -50,17 +50,29 @@ def routing_measures(r: dict) -> dict:
     return {**({"route_flips": flips} if flips else {}), **({"grad_norm": norms} if norms else {})}
 
 
-def train_and_record(cfg, dest: Path, **fields) -> dict:
+def train_and_record(cfg, dest: Path, keep_epochs: tuple[int, ...] = (), started_from: Path | None = None,
+                     **fields) -> dict:
     """Train ``cfg`` to its end (resuming its run folder) and write its summary, per-epoch log and ``fields``
-    to ``dest``; the checkpoints are then deleted (the logs stay) to keep the disk small."""
+    to ``dest``; the checkpoints are then deleted (the logs stay) to keep the disk small, except those at the
+    end of ``keep_epochs``, moved to ``<run>/kept/`` (another run may start from them). ``started_from``: the
+    run folder whose first epochs this run took (``run.start_from``); its log supplies them."""
     t0 = time.perf_counter()
     summary = run_steps(cfg, resume=True, baseline=cfg.run.mode == "baseline")
     summary["timing"]["study_seconds"] = time.perf_counter() - t0
     summary.update(epoch_log(cfg.output_dir()))
+    first = summary["per_epoch"][0]["epoch"] if summary["per_epoch"] else 1
+    if started_from is not None and first > 1:  # (a run resumed from its own checkpoints trained them itself)
+        summary["per_epoch"] = [e for e in epoch_log(started_from)["per_epoch"] if e["epoch"] < first] + summary["per_epoch"]
+        summary["stem_from"] = str(started_from)
     summary.update(fields)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(dest)  # a kill never leaves half a result file (which would count as finished)
-    shutil.rmtree(cfg.output_dir() / "checkpoints", ignore_errors=True)
+    checkpoints = cfg.output_dir() / "checkpoints"
+    for epoch in keep_epochs:
+        for f in checkpoints.glob(f"ckpt-*-e{epoch}.*"):
+            (cfg.output_dir() / "kept").mkdir(exist_ok=True)
+            f.replace(cfg.output_dir() / "kept" / f.name)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return summary

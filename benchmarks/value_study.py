@@ -13,9 +13,12 @@ Parts of the study (``ROWS``; each row's config is ``configs/value_study/<row>.y
             at cloning, procedure gradients x sqrt(8), only the last two stages routed, N=4, procedures'
             BatchNorm pooled over the whole batch (model.procedure_batchnorm: pooled); and upcycling
             practice: cloning after 7 of the 40 epochs, alone and with the LR re-warmed to its peak over 2
-            epochs (optim.rewarm_epochs), beside the baseline on that same re-warmed schedule (its control).
+            epochs (optim.rewarm_epochs), beside the baseline on that same re-warmed schedule (its control);
+            and the screen's best four changes together, at batch 256 and 1024.
   precision the narrow part's baseline and RMN in bf16 + channels_last: if they land within seed noise of float32,
-            the study can run in bf16 (about 1.3-2x cheaper per step on CPUs with bf16 units)
+            the study can run in bf16 (about 1.3-2x cheaper per step on CPUs with bf16 units); and, to tell which
+            of the two costs accuracy, the baseline in float32 + channels_last and in bf16 without it.
+  screen    width 1/16, 10 epochs: the narrow RMN with one change each, on one seed, then the best together.
   narrow    if width 1/8 has no capacity headroom: the 1/16-width network, its 2x width (the 1/8 baseline) and
             RMN N=8 at 1/16 on the capacity control's 10-epoch schedule.
 
@@ -29,6 +32,12 @@ Parts of the study (``ROWS``; each row's config is ``configs/value_study/<row>.y
 Each run trains in <runs>/<row>/seed<k> and records <results>/<row>-seed<k>.json: rmn's summary of the run, its
 per-epoch train loss / test top-1, the config file, the routed steps and the commit of the code that ran.
 A run reproduces from the CLI: ``rmn run configs/value_study/<row>.yaml --seed <k> --output <dir>``.
+
+Shared plain epochs: an RMN row without CA trains, in its first stem_epochs, exactly what the baseline row at its
+batch size trains (same network, data order and LR schedule). Such a row names that baseline as ``stem_from``; the
+baseline's run keeps its checkpoint at the end of those epochs (``<run>/kept/``), and the RMN row's run starts from
+it (``run.start_from``) when it is there, taking those epochs' log from the baseline's. Same numbers, a third less
+training for the paper regime's rows.
 """
 from __future__ import annotations
 
@@ -74,8 +83,13 @@ E40 = {**NARROW, "schedule.epochs": 40, "schedule.stem_epochs": 13}
 EARLY = {"schedule.stem_epochs": 7}  # cloning earlier (upcycling practice), with E40
 REWARM = {**EARLY, "optim.rewarm_epochs": 2.0}  # ...and the LR re-warmed to its peak over 2 epochs after cloning
 RMN = {"run.mode": "rmn", "model.attention": "none", "model.num_procedures": 8}
+E40_RMN = {**RMN, "data.batch_size": 256, **E40}  # the paper regime's RMN at 256, which part beyond changes one thing of
 BF16 = {"run.amp": "bf16", "run.channels_last": True}  # is bf16 accuracy-neutral on the study's rows? (part precision)
 N_RMN = {**RMN, "data.batch_size": 256, **NARROW}  # the narrow part's RMN, which the screen changes one thing of
+# The screen's four best changes together (each within seed noise of the others alone): N=4, only stages 3-4
+# routed, procedure gradients x sqrt(N) = 2, BatchNorm matched at cloning.
+COMBO = {"model.num_procedures": 4, "model.routed_stages": [2, 3], "optim.procedure_grad_scale": 2.0,
+         "model.match_batchnorm": True}
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,10 @@ class Row:
     overrides: dict  # over configs/fashion/base.yaml
     reuse: str | None = None  # results of this very config trained by another study: "<folder>/<row>"
     main: bool = field(default=True)  # drawn in the part's figure
+    # A baseline row whose first schedule.stem_epochs epochs are this RMN row's step 1 (same network, data order
+    # and LR schedule; rmn checks it): the run starts from that run's checkpoint at the end of them where one was
+    # kept, instead of training them again. The numbers are the same either way (tests/test_recipe_start_from.py).
+    stem_from: str | None = None
 
 
 ROWS = {
@@ -95,24 +113,26 @@ ROWS = {
     "e40_baseline": Row("baseline (batch 256)", "paper", {**B256, **E40}),
     "e40_baseline_1024": Row("baseline (batch 1024)", "paper", {**B256, "data.batch_size": 1024, **E40}),
     "e40_rmn_1024": Row("RMN N=8 without CA (batch 1024; paper-faithful)", "paper",
-                        {**RMN, "data.batch_size": 1024, **E40}),
+                        {**RMN, "data.batch_size": 1024, **E40}, stem_from="e40_baseline_1024"),
     "e40_rmn_ca_1024": Row("RMN N=8 with CA (batch 1024; paper-faithful)", "paper",
                            {**RMN, "model.attention": "ca", "data.batch_size": 1024, **E40}),
-    "e40_rmn_256": Row("RMN N=8 without CA (batch 256)", "paper", {**RMN, "data.batch_size": 256, **E40}),
-    "e40_rmn_256_bnm": Row("+ BatchNorm matched at cloning", "beyond",
-                           {**RMN, "data.batch_size": 256, **E40, "model.match_batchnorm": True}, main=False),
+    "e40_rmn_256": Row("RMN N=8 without CA (batch 256)", "paper", E40_RMN, stem_from="e40_baseline"),
+    "e40_rmn_256_bnm": Row("+ BatchNorm matched at cloning", "beyond", {**E40_RMN, "model.match_batchnorm": True},
+                           main=False, stem_from="e40_baseline"),
     "e40_rmn_256_pooledbn": Row("+ procedures' BatchNorm pooled over the batch", "beyond",
-                                {**RMN, "data.batch_size": 256, **E40, "model.procedure_batchnorm": "pooled"}, main=False),
+                                {**E40_RMN, "model.procedure_batchnorm": "pooled"}, main=False, stem_from="e40_baseline"),
     "e40_rmn_256_gs2.83": Row("+ procedure gradients x sqrt(8) = 2.83", "beyond",
-                              {**RMN, "data.batch_size": 256, **E40, "optim.procedure_grad_scale": 2.83}, main=False),
-    "e40_rmn_256_late": Row("+ only stages 3 and 4 routed", "beyond",
-                            {**RMN, "data.batch_size": 256, **E40, "model.routed_stages": [2, 3]}, main=False),
-    "e40_rmn_256_n4": Row("+ N=4", "beyond", {**RMN, "data.batch_size": 256, **E40, "model.num_procedures": 4},
-                          main=False),
-    "e40_rmn_256_early": Row("+ cloned after 7 epochs, not 13", "beyond", {**RMN, "data.batch_size": 256, **E40, **EARLY},
-                             main=False),
+                              {**E40_RMN, "optim.procedure_grad_scale": 2.83}, main=False, stem_from="e40_baseline"),
+    "e40_rmn_256_late": Row("+ only stages 3 and 4 routed", "beyond", {**E40_RMN, "model.routed_stages": [2, 3]},
+                            main=False, stem_from="e40_baseline"),
+    "e40_rmn_256_n4": Row("+ N=4", "beyond", {**E40_RMN, "model.num_procedures": 4}, main=False, stem_from="e40_baseline"),
+    "e40_rmn_256_early": Row("+ cloned after 7 epochs, not 13", "beyond", {**E40_RMN, **EARLY}, main=False),
     "e40_rmn_256_rewarm": Row("+ cloned after 7 epochs, LR re-warmed to its peak over 2", "beyond",
-                              {**RMN, "data.batch_size": 256, **E40, **REWARM}, main=False),
+                              {**E40_RMN, **REWARM}, main=False),
+    "e40_rmn_256_combo": Row("+ the screen's best four together (N=4, stages 3-4, gradients x2, BatchNorm matched)",
+                             "beyond", {**E40_RMN, **COMBO}, stem_from="e40_baseline"),
+    "e40_rmn_1024_combo": Row("RMN at batch 1024 + the screen's best four together", "beyond",
+                              {**E40_RMN, "data.batch_size": 1024, **COMBO}, stem_from="e40_baseline_1024"),
     "e40_baseline_rewarm": Row("baseline (batch 256) on the re-warmed schedule (control)", "beyond",
                                {**B256, **E40, **REWARM}, main=False),
     "narrow_baseline": Row("baseline, width 1/16", "narrow", {**B256, "model.width_mult": 0.0625}),
@@ -142,6 +162,12 @@ ROWS = {
     "narrow_baseline_bf16": Row("baseline, width 1/16, bf16 + channels_last", "precision",
                                 {**B256, **NARROW, **BF16}),
     "narrow_rmn_bf16": Row("RMN N=8 without CA, width 1/16, bf16 + channels_last", "precision", {**N_RMN, **BF16}),
+    "narrow_baseline_cl": Row("baseline, width 1/16, float32 + channels_last", "precision",
+                              {**B256, **NARROW, "run.channels_last": True}),
+    "narrow_baseline_bf16_contig": Row("baseline, width 1/16, bf16 (contiguous)", "precision",
+                                       {**B256, **NARROW, "run.amp": "bf16"}),
+    "narrow_rmn_combo": Row("+ the four best together: N=4, stages 3-4 routed, gradients x sqrt(4) = 2, BatchNorm matched",
+                            "screen", {**N_RMN, **COMBO}),
     "narrow_rmn_rewarm": Row("+ cloned after 2 epochs, not 4, LR re-warmed to its peak over 1", "screen",
                              {**N_RMN, "schedule.stem_epochs": 2, "optim.rewarm_epochs": 1.0}),
     "narrow_baseline_rewarm": Row("baseline on the re-warmed schedule (control)", "screen",
@@ -182,11 +208,32 @@ def write_configs() -> None:
         (ROOT / config_path(row)).write_text(config_text(row))
 
 
-def run_config(row: str, seed: int, threads: int, runs: Path):
-    """The row's config file with what differs between runs of it: seed, output folder, threads."""
-    return load_config(ROOT / config_path(row), {
+def run_config(row: str, seed: int, threads: int, runs: Path, start_from: Path | None = None):
+    """The row's config file with what differs between runs of it: seed, output folder, threads, and
+    ``run.start_from`` (its stem source's checkpoint). A stem source keeps every checkpoint while it trains."""
+    cfg = load_config(ROOT / config_path(row), {
         "run.seed": seed, "run.output": str(runs / row / f"seed{seed}"), "run.name": f"{row}-seed{seed}",
-        "run.threads": threads, "run.progress": "lines", "run.atlas": False})
+        "run.threads": threads, "run.progress": "lines", "run.atlas": False,
+        **({"run.start_from": str(start_from)} if start_from else {})})
+    if kept_epochs(row):
+        cfg.run.keep_checkpoints = cfg.schedule.epochs + 1
+    return cfg
+
+
+def kept_epochs(row: str) -> tuple[int, ...]:
+    """The epochs at whose end a stem source's run keeps its checkpoint: the stem epochs of the rows it serves."""
+    return tuple(sorted({load_config(ROOT / config_path(r)).schedule.stem_epochs
+                         for r, spec in ROWS.items() if spec.stem_from == row}))
+
+
+def stem_checkpoint(row: str, seed: int, runs: Path) -> Path | None:
+    """The checkpoint of ``row``'s stem source (same seed) at the end of ``row``'s plain epochs, if it was kept."""
+    if not ROWS[row].stem_from:
+        return None
+    source = runs / ROWS[row].stem_from / f"seed{seed}"
+    epoch = load_config(ROOT / config_path(row)).schedule.stem_epochs
+    found = [p for d in ("kept", "checkpoints") for p in sorted((source / d).glob(f"ckpt-*-baseline-e{epoch}.safetensors"))]
+    return found[0] if found else None
 
 
 # ---- runs ---------------------------------------------------------------------------------------------
@@ -213,9 +260,12 @@ def run_one(row: str, seed: int, threads: int, runs: Path, results: Path) -> dic
     if ROWS[row].reuse:
         print(f"== {row}: not trained here, its results are {ROWS[row].reuse}-seed*.json", flush=True)
         return None
-    cfg = run_config(row, seed, threads, runs)
-    print(f"== {row} seed {seed} ({config_path(row)}) -> {cfg.output_dir()}", flush=True)
-    summary = train_and_record(cfg, dest, row=row, config=config_path(row), commit=code_commit())
+    start = stem_checkpoint(row, seed, runs)
+    cfg = run_config(row, seed, threads, runs, start)
+    print(f"== {row} seed {seed} ({config_path(row)}) -> {cfg.output_dir()}"
+          + (f", epochs 1-{cfg.schedule.stem_epochs} from {start}" if start else ""), flush=True)
+    summary = train_and_record(cfg, dest, keep_epochs=kept_epochs(row), started_from=start.parents[1] if start else None,
+                               row=row, config=config_path(row), commit=code_commit())
     print(f"== {row} seed {seed}: top-1 {100 * summary['eval_top1']:.2f}% in {summary['timing']['study_seconds']:.0f} s "
           f"(this invocation)", flush=True)
     return summary

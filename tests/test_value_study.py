@@ -15,6 +15,7 @@ from rmn import data as rdata
 from rmn.analysis.cost import count_params
 from rmn.recipe import load_config
 from rmn.recipe.build import build_stem_network, clone_network
+from rmn.recipe.run import plain_network_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,8 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
         # the capacity control is at width 1/8 (the Fashion study's); everything after it at 1/16
         assert cfg.model.width_mult == (0.0625 if spec.part != "capacity" and row != "narrow_wide2x" else
                                         cfg.model.width_mult)
-        assert (cfg.run.amp, cfg.run.channels_last) == (("bf16", True) if row.endswith("_bf16") else ("none", False))
+        assert (cfg.run.amp, cfg.run.channels_last) == {"_bf16": ("bf16", True), "_cl": ("none", True),
+                                                        "_contig": ("bf16", False)}.get(row[row.rfind("_"):], ("none", False))
         if spec.part in ("capacity", "narrow", "screen", "precision"):  # the 10-epoch schedule of the capacity control
             assert (cfg.schedule.epochs, cfg.data.batch_size) == (10, 256)
             assert cfg.schedule.stem_epochs == (2 if rewarm else 4)
@@ -60,7 +62,12 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 7 if early else 13)
             assert cfg.optim.rewarm_epochs == (2.0 if rewarm else 0.0)
             assert spec.part == "beyond" or not early
-        if cfg.run.mode == "rmn":
+        if row.endswith("_combo"):  # the screen's four best changes together
+            assert (cfg.model.num_procedures, cfg.model.routed_stages, cfg.optim.procedure_grad_scale,
+                    cfg.model.match_batchnorm) == (4, [2, 3], 2.0, True)
+            assert (cfg.model.attention, cfg.model.procedure_batchnorm, cfg.optim.untie_epochs) == ("none", "slice", 0.0)
+            assert cfg.data.batch_size == (1024 if "_1024" in row else 256)
+        elif cfg.run.mode == "rmn":
             assert cfg.model.match_batchnorm == row.endswith("_bnm")
             assert cfg.model.procedure_batchnorm == ("pooled" if "_pooledbn" in row else "slice")
             assert cfg.optim.untie_epochs == (2.0 if row.endswith("_untie") else 0.0)
@@ -69,6 +76,37 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert cfg.model.num_procedures == (4 if row.endswith("_n4") else 8)
             assert cfg.model.attention == ("ca" if "_ca" in row else "none")
             assert cfg.model.memory_momentum == {"frozen": 1.0, "slowmem": 0.99}.get(row.rsplit("_", 1)[1], 0.9)
+
+
+def test_a_stem_source_trains_its_rows_step_one(study, tmp_path):
+    """Rows that start from a baseline row's checkpoint: rmn itself would refuse a source that is not their step 1
+    (run.plain_network_difference); the source keeps the checkpoint at the end of their plain epochs."""
+    served = {}
+    for row, spec in study.ROWS.items():
+        if spec.stem_from:
+            cfg, src = (load_config(ROOT / study.config_path(r)) for r in (row, spec.stem_from))
+            assert (src.run.mode, cfg.run.mode, cfg.model.attention) == ("baseline", "rmn", "none"), row
+            assert plain_network_difference(src, cfg) is None, row
+            served.setdefault(spec.stem_from, set()).add(cfg.schedule.stem_epochs)
+    assert served == {"e40_baseline": {13}, "e40_baseline_1024": {13}}
+    for source, epochs in served.items():
+        assert study.kept_epochs(source) == tuple(sorted(epochs))
+        assert study.run_config(source, 0, 1, tmp_path).run.keep_checkpoints > 40  # every epoch's, while it trains
+    assert study.kept_epochs("narrow_baseline") == ()
+    early = load_config(ROOT / study.config_path("e40_rmn_256_early"))  # clones at 7: not the source's stem epochs
+    assert plain_network_difference(load_config(ROOT / study.config_path("e40_baseline")), early) is not None
+
+
+def test_a_row_starts_from_its_source_s_kept_checkpoint(study, tmp_path):
+    kept = tmp_path / "e40_baseline_1024" / "seed1" / "kept"
+    kept.mkdir(parents=True)
+    for name in ("ckpt-00012-baseline-e12.safetensors", "ckpt-00013-baseline-e13.safetensors"):
+        (kept / name).write_bytes(b"")
+    assert study.stem_checkpoint("e40_rmn_1024", 1, tmp_path) == kept / "ckpt-00013-baseline-e13.safetensors"
+    assert study.stem_checkpoint("e40_rmn_1024", 0, tmp_path) is None  # that seed's source kept nothing
+    assert study.stem_checkpoint("e40_rmn_ca_1024", 1, tmp_path) is None  # CA's step 1 differs: no source
+    cfg = study.run_config("e40_rmn_1024", 1, 1, tmp_path, kept / "ckpt-00013-baseline-e13.safetensors")
+    assert cfg.run.start_from == str(kept / "ckpt-00013-baseline-e13.safetensors")
 
 
 def test_reused_baseline_results_come_from_the_same_config(study, tmp_path):

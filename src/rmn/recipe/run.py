@@ -306,6 +306,14 @@ def _start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         raise RecipeError(f"run.start_from: {e}") from None
 
 
+def plain_network_difference(source: Config, cfg: Config) -> str | None:
+    """Why a run of ``source`` does not train ``cfg``'s step 1 (the first difference), or None when its first
+    ``cfg.schedule.stem_epochs`` epochs are exactly those of ``cfg`` (the same plain network, data and schedule;
+    only routing options and, without CA, N may differ)."""
+    ignore = FEEDING_ONLY | ROUTING_ONLY | ({("model", "num_procedures")} if cfg.model.attention != "ca" else set())
+    return _first_difference(source, cfg, ignore)
+
+
 def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
     """``run.start_from``'s newest checkpoint, checked to be this config's plain network before cloning."""
     src = Path(cfg.run.start_from)
@@ -322,8 +330,7 @@ def _plain_checkpoint(cfg: Config, device: torch.device) -> Checkpoint:
         raise RecipeError(f"{where}: {ckpt.path.name} is a '{phase}' checkpoint; step 1 needs a plain network (a stem or baseline run)")
     if epoch > cfg.schedule.stem_epochs:
         raise RecipeError(f"{where}: {ckpt.path.name} is at epoch {epoch}, past schedule.stem_epochs={cfg.schedule.stem_epochs}")
-    ignore = FEEDING_ONLY | ROUTING_ONLY | ({("model", "num_procedures")} if cfg.model.attention != "ca" else set())
-    diff = _first_difference(checkpoint_config(ckpt), cfg, ignore)
+    diff = plain_network_difference(checkpoint_config(ckpt), cfg)
     if diff:
         raise ConfigError(f"{where}: {diff} in {ckpt.path}")
     return ckpt
