@@ -15,6 +15,8 @@ Parts of the study (``ROWS``; each row's config is ``configs/value_study/<row>.y
             practice: cloning after 7 of the 40 epochs, alone and with the LR re-warmed to its peak over 2
             epochs (optim.rewarm_epochs), beside the baseline on that same re-warmed schedule (its control);
             and the screen's best four changes together, at batch 256 and 1024.
+  longer    the paper regime's baseline and RMN at 256 over twice as many epochs (80, the first 27 plain: 12,402
+            routed steps): the upcycling literature's cloned models overtake the dense one only after long training.
   precision the narrow part's baseline and RMN in bf16 + channels_last: if they land within seed noise of float32,
             the study can run in bf16 (about 1.3-2x cheaper per step on CPUs with bf16 units); and, to tell which
             of the two costs accuracy, the baseline in float32 + channels_last and in bf16 without it.
@@ -69,6 +71,7 @@ PARTS = {"capacity": "Capacity control (10 epochs, batch 256)",
          "narrow": "A narrower network with headroom? (width 1/16, 10 epochs, batch 256)",
          "screen": "Screening changes beyond the paper (width 1/16, 10 epochs, batch 256, one change each)",
          "paper": "The paper's regime (width 1/16, 40 epochs, 13 plain)",
+         "longer": "Twice the paper regime's length (width 1/16, 80 epochs, 27 plain, batch 256)",
          "beyond": "Beyond the paper (paper regime, RMN N=8 at batch 256, one change each)",
          "precision": "Mixed precision: the narrow rows in bf16 + channels_last (width 1/16, 10 epochs, batch 256)"}
 # Rows drawn (dashed) beside a part's own in its figure: what its one-change rows are compared with.
@@ -80,6 +83,7 @@ WIDTH_AT_RMN_PARAMS = 0.354
 B256 = {"run.mode": "baseline", "data.batch_size": 256}
 NARROW = {"model.width_mult": 0.0625}  # the width with headroom (part narrow): where parts screen, paper, beyond run
 E40 = {**NARROW, "schedule.epochs": 40, "schedule.stem_epochs": 13}
+E80 = {**NARROW, "schedule.epochs": 80, "schedule.stem_epochs": 27}  # do more routed steps close the gap? (part longer)
 EARLY = {"schedule.stem_epochs": 7}  # cloning earlier (upcycling practice), with E40
 REWARM = {**EARLY, "optim.rewarm_epochs": 2.0}  # ...and the LR re-warmed to its peak over 2 epochs after cloning
 RMN = {"run.mode": "rmn", "model.attention": "none", "model.num_procedures": 8}
@@ -133,6 +137,9 @@ ROWS = {
                              "beyond", {**E40_RMN, **COMBO}, stem_from="e40_baseline"),
     "e40_rmn_1024_combo": Row("RMN at batch 1024 + the screen's best four together", "beyond",
                               {**E40_RMN, "data.batch_size": 1024, **COMBO}, stem_from="e40_baseline_1024"),
+    "e80_baseline": Row("baseline (batch 256)", "longer", {**B256, **E80}),
+    "e80_rmn_256": Row("RMN N=8 without CA (batch 256)", "longer", {**RMN, "data.batch_size": 256, **E80},
+                       stem_from="e80_baseline"),
     "e40_baseline_rewarm": Row("baseline (batch 256) on the re-warmed schedule (control)", "beyond",
                                {**B256, **E40, **REWARM}, main=False),
     "narrow_baseline": Row("baseline, width 1/16", "narrow", {**B256, "model.width_mult": 0.0625}),

@@ -57,6 +57,8 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert cfg.schedule.stem_epochs == (2 if rewarm else 4)
             assert cfg.optim.rewarm_epochs == (1.0 if rewarm else 0.0)
             assert cfg.run.mode == "baseline" or spec.part != "capacity"
+        elif spec.part == "longer":  # the paper's regime twice as long, a third plain
+            assert (cfg.schedule.epochs, cfg.schedule.stem_epochs, cfg.data.batch_size) == (80, 27, 256)
         else:  # the paper's regime: a third of 40 epochs plain, or cloning earlier (upcycling practice)
             early = row.endswith(("_early", "_rewarm"))
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 7 if early else 13)
@@ -88,10 +90,11 @@ def test_a_stem_source_trains_its_rows_step_one(study, tmp_path):
             assert (src.run.mode, cfg.run.mode, cfg.model.attention) == ("baseline", "rmn", "none"), row
             assert plain_network_difference(src, cfg) is None, row
             served.setdefault(spec.stem_from, set()).add(cfg.schedule.stem_epochs)
-    assert served == {"e40_baseline": {13}, "e40_baseline_1024": {13}}
+    assert served == {"e40_baseline": {13}, "e40_baseline_1024": {13}, "e80_baseline": {27}}
     for source, epochs in served.items():
         assert study.kept_epochs(source) == tuple(sorted(epochs))
-        assert study.run_config(source, 0, 1, tmp_path).run.keep_checkpoints > 40  # every epoch's, while it trains
+        cfg = study.run_config(source, 0, 1, tmp_path)
+        assert cfg.run.keep_checkpoints > cfg.schedule.epochs  # every epoch's, while it trains
     assert study.kept_epochs("narrow_baseline") == ()
     early = load_config(ROOT / study.config_path("e40_rmn_256_early"))  # clones at 7: not the source's stem epochs
     assert plain_network_difference(load_config(ROOT / study.config_path("e40_baseline")), early) is not None
@@ -133,6 +136,7 @@ def test_routed_steps_of_the_paper_regime(study, tmp_path):
     steps = {row: study.routed_steps(study.run_config(row, 0, 1, tmp_path), 60_000 // b * 40)
              for row, b in (("e40_rmn_256", 256), ("e40_rmn_1024", 1024), ("e40_baseline", 256), ("e40_rmn_256_rewarm", 256))}
     assert steps == {"e40_rmn_256": 234 * 27, "e40_rmn_1024": 58 * 27, "e40_baseline": 0, "e40_rmn_256_rewarm": 234 * 33}
+    assert study.routed_steps(study.run_config("e80_rmn_256", 0, 1, tmp_path), 234 * 80) == 234 * 53
     assert steps["e40_rmn_256"] >= 3000  # the floor
 
 
