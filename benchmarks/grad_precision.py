@@ -1,20 +1,24 @@
 """How exact a training step's gradients are in each precision rmn offers on CPU (float32, float32 + channels_last,
 bf16, bf16 + channels_last), against float64 on the same weights and batch, and whether the error is noise (it
 averages out over steps) or bias (the same every step). Why: the value study's bf16 + channels_last rows lose 0.4
-(baseline) and 0.7 (RMN) points of top-1 against float32; this shows what each mode's arithmetic does to a step,
-beside the training rows that separate bf16 from channels_last.
+(baseline) and 0.7 (RMN) points of top-1 against float32 in two of three seeds; this shows what each mode's arithmetic
+does to a step, beside the training rows that separate bf16 from channels_last.
 
-    .venv/bin/python benchmarks/grad_precision.py [--epochs 2] [--batches 8]   # -> benchmarks/results/grad_precision.json
+    .venv/bin/python benchmarks/grad_precision.py --epochs 3 --batches 12     # -> results/grad_precision-narrow_baseline.json
+    .venv/bin/python benchmarks/grad_precision.py --row narrow_rmn --epochs 5 --batches 12    # 4 plain + 1 routed epoch
     .venv/bin/python benchmarks/grad_precision.py --quick    # digits at 8x8, seconds; writes only where --out says
 
-Model: the value study's narrow baseline (configs/value_study/narrow_baseline.yaml: width 1/16, Fashion-MNIST),
-trained ``--epochs`` in float32, then in train mode (batch statistics, as in training) the gradient of the
-cross-entropy of each of ``--batches`` batches in every mode. Reported per part (stem, layer1-4, fc), medians over
-its parameters and the batches:
+Model: a value-study row (``--row``; default the narrow baseline, configs/value_study/narrow_baseline.yaml: width
+1/16, Fashion-MNIST; ``narrow_rmn`` its RMN, measured after its first routed epoch) trained ``--epochs`` in float32,
+then in train mode (batch statistics, as in training) the gradient of the cross-entropy of each of ``--batches``
+batches in every mode. Reported per part (stem, layer1-4, fc), medians over its parameters (in an RMN, each
+procedure's, where the batch routes samples to it) and the batches:
 - ``error``: ||g - g64|| / ||g64||, g64 the float64 gradient;
 - ``sgd_noise``: the same for the float64 gradient of the next batch: the step's own noise, the yardstick;
 - ``coherence``: ||sum of errors|| / sqrt(sum of ||error||^2) over the batches: about 1 when the error averages out
-  like noise, up to sqrt(batches) when every step gets the same error.
+  like noise, up to sqrt(batches) when every step gets the same error;
+- for an RMN, ``route_changes``: per routed stage, the share of the batch's samples that a mode routes to another
+  procedure than float64 does (routing is a discontinuous function of the stage input).
 Then BatchNorm alone (training mode, float32), contiguous vs channels_last, against float64: where the
 channels_last error starts.
 """
@@ -38,34 +42,46 @@ from rmn.precision import Precision  # noqa: E402
 from rmn.recipe.config import load_config  # noqa: E402
 from rmn.recipe.loop import train_epochs  # noqa: E402
 from rmn.recipe.run import Run  # noqa: E402
+from rmn.recipe.runner import run_steps  # noqa: E402
+from rmn.stage import RoutedStage  # noqa: E402
 from results_file import write_results  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "grad_precision.json"
-CONFIG = ROOT / "configs" / "value_study" / "narrow_baseline.yaml"
+RESULTS = ROOT / "benchmarks" / "results"  # grad_precision-<row>.json
+CONFIGS = ROOT / "configs" / "value_study"
 MODES = {"float32": Precision(), "float32 + channels_last": Precision("none", True),
          "bf16": Precision("bf16", False), "bf16 + channels_last": Precision("bf16", True)}
 QUICK = {"data.dataset": "digits", "data.image_size": 8, "data.batch_size": 128, "model.width_mult": 0.125}
 
 
-def trained_model(epochs: int, quick: bool, out: Path) -> tuple[torch.nn.Module, list]:
-    """The narrow baseline after ``epochs`` float32 epochs, and its training loader."""
-    cfg = load_config(CONFIG, {"run.output": str(out), "run.threads": torch.get_num_threads(), "run.atlas": False,
-                               "run.tensorboard": False, "run.progress": "none", "schedule.epochs": epochs,
-                               "schedule.stem_epochs": epochs, **(QUICK if quick else {})})
-    run = Run.open(cfg, baseline=True)
-    train_epochs(run, epochs)
+def trained_model(row: str, epochs: int, quick: bool, out: Path) -> tuple[torch.nn.Module, list]:
+    """The value study's ``row`` after ``epochs`` float32 epochs (an RMN: its plain epochs, then routed ones up
+    to ``epochs``), and its training loader."""
+    cfg = load_config(CONFIGS / f"{row}.yaml", {
+        "run.output": str(out), "run.threads": torch.get_num_threads(), "run.atlas": False, "run.tensorboard": False,
+        "run.progress": "none", **(QUICK if quick else {})})
+    cfg.schedule.epochs = epochs
+    if cfg.run.mode == "baseline":
+        cfg.schedule.stem_epochs = epochs
+        run = Run.open(cfg, baseline=True)
+        train_epochs(run, epochs)
+    else:
+        cfg.schedule.stem_epochs = min(cfg.schedule.stem_epochs, epochs - 1)  # at least one routed epoch
+        run_steps(cfg)
+        run = Run.open(cfg)
     run.log.close()
     return run.model.train(), run.loaders[0]
 
 
 def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: Precision,
-              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient (as float64) of the batch's cross-entropy, on a copy of ``model``."""
+              dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Every parameter's gradient (as float64) of the batch's cross-entropy, on a copy of ``model`` (none for
+    the procedures no sample of the batch was routed to), and each routed stage's routes."""
     m = mode.model(copy.deepcopy(model).to(dtype))
     with mode.autocast():
         loss = F.cross_entropy(m(mode.batch(x.to(dtype))), y)
     loss.backward()
-    return {n: p.grad.detach().double().contiguous() for n, p in m.named_parameters()}
+    routes = [s.last_routes.clone() for s in m.modules() if isinstance(s, RoutedStage)]
+    return {n: p.grad.detach().double().contiguous() for n, p in m.named_parameters() if p.grad is not None}, routes
 
 
 def part(name: str) -> str:
@@ -81,16 +97,19 @@ def step_errors(model, loader, batches: int) -> dict:
         if len(data) == batches + 1:
             break
     err = {m: {} for m in MODES}
+    flips = {m: [] for m in MODES}  # per batch, per routed stage: share of samples routed elsewhere than in float64
     noise, total = {}, {m: {} for m in MODES}
     for (x, y), (x2, y2) in zip(data, data[1:]):
-        ref = gradients(model, x, y, Precision(), torch.float64)
-        other = gradients(model, x2, y2, Precision(), torch.float64)
+        ref, ref_routes = gradients(model, x, y, Precision(), torch.float64)
+        other, _ = gradients(model, x2, y2, Precision(), torch.float64)
+        ref = {n: g for n, g in ref.items() if g.norm() > 0}
         for n in ref:
-            noise.setdefault(n, []).append(float((other[n] - ref[n]).norm() / ref[n].norm()))
+            noise.setdefault(n, []).append(float((other.get(n, 0 * ref[n]) - ref[n]).norm() / ref[n].norm()))
         for mode, prec in MODES.items():
-            g = gradients(model, x, y, prec)
-            for n in ref:
-                e = g[n] - ref[n]
+            g, routes = gradients(model, x, y, prec)
+            flips[mode].append([float((a != b).float().mean()) for a, b in zip(routes, ref_routes)])
+            for n in ref:  # (a sample routed elsewhere in this mode leaves its procedure's gradient short)
+                e = g.get(n, 0 * ref[n]) - ref[n]
                 err[mode].setdefault(n, []).append(float(e.norm() / ref[n].norm()))
                 s, sq = total[mode].get(n, (0, 0.0))
                 total[mode][n] = (s + e, sq + float(e.norm()) ** 2)
@@ -104,6 +123,9 @@ def step_errors(model, loader, batches: int) -> dict:
                 "error": statistics.median(v for n in names for v in err[mode][n]),
                 "coherence": statistics.median(float(total[mode][n][0].norm()) / total[mode][n][1] ** 0.5
                                                if total[mode][n][1] else 1.0 for n in names)}
+    if any(flips[m][0] for m in MODES):
+        report["route_changes"] = {m: [statistics.mean(b[k] for b in flips[m]) for k in range(len(flips[m][0]))]
+                                   for m in MODES}
     return report
 
 
@@ -131,35 +153,40 @@ def batchnorm_errors(shapes: list[tuple[int, int, int]], means: tuple[float, ...
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=2, help="float32 epochs before measuring")
+    ap.add_argument("--row", default="narrow_baseline", help="value-study row (configs/value_study/<row>.yaml)")
+    ap.add_argument("--epochs", type=int, default=2, help="float32 epochs before measuring (an RMN row: with its "
+                                                          "plain ones, e.g. 5 = 4 plain + 1 routed)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="digits at 8x8, 1 epoch, 2 batches; writes only to --out")
-    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/grad_precision.json)")
+    ap.add_argument("--quick", action="store_true", help="digits at 8x8, 2 epochs, 2 batches; writes only to --out")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/grad_precision-<row>.json)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.epochs, args.batches = 1, 2
+        args.epochs, args.batches = 2, 2
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model, loader = trained_model(args.epochs, args.quick, Path(tmp))
+        model, loader = trained_model(args.row, args.epochs, args.quick, Path(tmp))
         steps = step_errors(model, loader, args.batches)
     shapes = [(32, 4, 8)] if args.quick else [(256, 4, 28), (256, 8, 14), (256, 32, 4), (32, 4, 28)]
     bn = batchnorm_errors(shapes, (0.0, 3.0))
     print("| part | SGD noise (next batch) | " + " | ".join(f"{m} error (coherence)" for m in MODES) + " |")
     print("|---|---|" + "---|" * len(MODES))
-    for p, r in steps.items():
+    for p, r in ((p, r) for p, r in steps.items() if p != "route_changes"):
         print(f"| {p} | {r['sgd_noise']:.2f} | "
               + " | ".join(f"{r[m]['error']:.1e} ({r[m]['coherence']:.1f})" for m in MODES) + " |")
+    if "route_changes" in steps:
+        print("\nSamples routed elsewhere than in float64, per routed stage: " + "; ".join(
+            f"{m} " + " ".join(f"{100 * v:.2f}%" for v in shares) for m, shares in steps["route_changes"].items()))
     print("\n| BatchNorm input (N, C, H, W) | input mean | contiguous: output, input grad | channels_last: output, input grad |")
     print("|---|---|---|---|")
     for r in bn:
         c, cl = r["contiguous"], r["channels_last"]
         print(f"| {tuple(r['shape'])} | {r['input_mean']:g} | {c['output']:.1e}, {c['input_grad']:.1e} | "
               f"{cl['output']:.1e}, {cl['input_grad']:.1e} |")
-    report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    report = {"row": args.row, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": args.threads, "epochs": args.epochs, "batches": args.batches, "quick": args.quick,
               "steps": steps, "batchnorm": bn}
-    out = write_results(report, args.out, args.quick, RESULTS)
+    out = write_results(report, args.out, args.quick, RESULTS / f"grad_precision-{args.row}.json")
     print(f"wrote {out}" if out else "not written (--quick)")
     return 0
 

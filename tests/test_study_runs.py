@@ -2,25 +2,11 @@
 run's kept checkpoint records the same per-epoch log and result as the run that trained them itself."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 from test_recipe_resume import tiny_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_run_started_from_a_kept_stem_records_the_whole_run(tmp_path):
-    study_runs = _load("study_runs")
+def test_a_run_started_from_a_kept_stem_records_the_whole_run(tmp_path, load_benchmark):
+    study_runs = load_benchmark("study_runs")
     whole = study_runs.train_and_record(tiny_cfg(tmp_path / "whole"), tmp_path / "whole.json")
     base = tiny_cfg(tmp_path / "base", **{"run.mode": "baseline", "run.keep_checkpoints": 10})
     study_runs.train_and_record(base, tmp_path / "base.json", keep_epochs=(2,))

@@ -3,9 +3,7 @@ summary is the mean and standard deviation of the per-run results (checked again
 REPRODUCTION.md shows exactly what it generates from results/value_study/summary.json."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,17 +18,9 @@ from rmn.recipe.run import plain_network_difference
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def study():
-    return _load("value_study")
+def study(load_benchmark):
+    return load_benchmark("value_study")
 
 
 def test_config_files_are_what_the_script_writes(study):
@@ -112,8 +102,8 @@ def test_a_row_starts_from_its_source_s_kept_checkpoint(study, tmp_path):
     assert cfg.run.start_from == str(kept / "ckpt-00013-baseline-e13.safetensors")
 
 
-def test_reused_baseline_results_come_from_the_same_config(study, tmp_path):
-    fashion = _load("fashion_study")
+def test_reused_baseline_results_come_from_the_same_config(study, tmp_path, load_benchmark):
+    fashion = load_benchmark("fashion_study")
     ours = study.run_config("baseline", 0, 1, tmp_path)
     theirs = fashion.config("baseline", 0, None, 1, tmp_path)
     assert (ours.model, ours.data, ours.optim, ours.schedule, ours.run.mode) == (
