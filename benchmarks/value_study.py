@@ -152,6 +152,7 @@ ROWS = {
     "narrow_rmn_bnm": Row("+ BatchNorm matched at cloning", "screen", {**N_RMN, "model.match_batchnorm": True}),
     "narrow_rmn_late": Row("+ only stages 3 and 4 routed", "screen", {**N_RMN, "model.routed_stages": [2, 3]}),
     "narrow_rmn_n4": Row("+ N=4", "screen", {**N_RMN, "model.num_procedures": 4}),
+    "narrow_rmn_n2": Row("+ N=2", "screen", {**N_RMN, "model.num_procedures": 2}),
     "narrow_rmn_ca": Row("+ Conditional Attention", "screen", {**N_RMN, "model.attention": "ca"}),
     "narrow_rmn_frozen": Row("+ memories frozen after k-means (memory_momentum 1)", "screen",
                              {**N_RMN, "model.memory_momentum": 1.0}),

@@ -65,7 +65,7 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert cfg.optim.untie_epochs == (2.0 if row.endswith("_untie") else 0.0)
             assert cfg.optim.procedure_grad_scale == (2.83 if row.endswith("_gs2.83") else 1.0)
             assert cfg.model.routed_stages == ([2, 3] if "_late" in row else [3] if "_last" in row else None)
-            assert cfg.model.num_procedures == (4 if row.endswith("_n4") else 8)
+            assert cfg.model.num_procedures == {"_n4": 4, "_n2": 2}.get(row[row.rfind("_"):], 8)
             assert cfg.model.attention == ("ca" if "_ca" in row else "none")
             assert cfg.model.memory_momentum == {"frozen": 1.0, "slowmem": 0.99}.get(row.rsplit("_", 1)[1], 0.9)
 
