@@ -46,6 +46,11 @@ def test_schedule_rises_linearly_from_the_clone_step():
     assert untied_at(0, 100, 0) == untied_at(100, 100, 0) == 1.0  # off: the paper
 
 
+def test_schedule_ends_partly_tied_with_untie_to():
+    assert [untied_at(s, 100, 4, 0.8) for s in (99, 100, 101, 103, 200)] == pytest.approx([0.0, 0.2, 0.4, 0.8, 0.8])
+    assert untied_at(100, 100, 0, 0.9) == untied_at(10**6, 100, 0, 0.9) == 0.9  # tied that much from the clone on
+
+
 @pytest.mark.parametrize("which", ["toy", "resnet"])
 def test_tied_pooled_routed_training_is_the_plain_network_s_training(which):
     """Three SGD steps (momentum, weight decay) from cloned optimizer state, routes spread over the procedures:
@@ -96,6 +101,8 @@ def test_untying_lets_the_procedures_specialise():
 def test_config_refuses_negative_untie_epochs():
     with pytest.raises(ConfigError, match="optim.untie_epochs must be >= 0"):
         load_config(None, {"optim.untie_epochs": -1})
+    with pytest.raises(ConfigError, match="optim.untie_to must be between 0 and 1"):
+        load_config(None, {"optim.untie_to": 1.5})
 
 
 def test_the_recipe_unties_over_the_configured_epochs(tmp_path, monkeypatch):
@@ -113,3 +120,16 @@ def test_the_recipe_unties_over_the_configured_epochs(tmp_path, monkeypatch):
     steps_per_epoch = summary["steps"] // cfg.schedule.epochs
     assert seen == [min(1.0, (k + 1) / steps_per_epoch) for k in range(2 * steps_per_epoch)]
     assert 0 < summary["eval_top1"] <= 1
+
+
+def test_the_recipe_keeps_the_procedures_partly_tied_with_untie_to(tmp_path, monkeypatch):
+    """optim.untie_to below 1: every routed step ties with that share to the end (no ramp without untie_epochs)."""
+    from rmn.recipe import loop
+    from rmn.recipe.runner import run_steps
+    from tests.test_recipe_resume import tiny_cfg
+
+    seen = []
+    real = loop.tie_procedure_gradients
+    monkeypatch.setattr(loop, "tie_procedure_gradients", lambda model, untied: (seen.append(untied), real(model, untied)))
+    summary = run_steps(tiny_cfg(tmp_path / "run", **{"optim.untie_to": 0.9}))
+    assert seen == [0.9] * (summary["steps"] // 2)  # the two routed epochs of four

@@ -34,7 +34,7 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
         cfg = study.run_config(row, 3, 1, tmp_path)
         assert (cfg.run.seed, cfg.output_dir()) == (3, tmp_path / row / "seed3")
         # one learning-rate schedule for every row but the re-warmed ones; the procedures' gradient scale differs
-        assert (replace(cfg.optim, procedure_grad_scale=1.0, rewarm_epochs=0.0, untie_epochs=0.0), cfg.data.dataset) == (
+        assert (replace(cfg.optim, procedure_grad_scale=1.0, rewarm_epochs=0.0, untie_epochs=0.0, untie_to=1.0), cfg.data.dataset) == (
             base.optim, "fashion-mnist")
         rewarm = row.endswith("_rewarm")
         # the capacity control is at width 1/8 (the Fashion study's); everything after it at 1/16
@@ -63,6 +63,7 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert cfg.model.match_batchnorm == row.endswith("_bnm")
             assert cfg.model.procedure_batchnorm == ("pooled" if "_pooledbn" in row else "slice")
             assert cfg.optim.untie_epochs == (2.0 if row.endswith("_untie") else 0.0)
+            assert cfg.optim.untie_to == (float(row.rsplit("_tie", 1)[1]) if "_tie0" in row else 1.0)
             assert cfg.optim.procedure_grad_scale == (2.83 if row.endswith("_gs2.83") else 1.0)
             assert cfg.model.routed_stages == ([2, 3] if "_late" in row else [3] if "_last" in row else None)
             assert cfg.model.num_procedures == {"_n4": 4, "_n2": 2}.get(row[row.rfind("_"):], 8)

@@ -107,6 +107,9 @@ def tie_procedure_gradients(model: nn.Module, untied: float) -> None:
     exactly as the plain one). ``untied = 1`` is the paper's routed training. Rising from 0 to 1 after cloning
     (``optim.untie_epochs``), each procedure starts from the shared step and specialises gradually, instead of
     N copies drifting apart at once on their own eighths of the batch (results/value_study/post_clone-*.json).
+    Held below 1 (``optim.untie_to``), the shared part keeps pulling the procedures towards one another: the
+    own part is about ``untied / N`` of the plain network's gradient and the shared part ``1 - untied`` of it, so
+    0.9 weighs them about equally at N = 8.
     A procedure without a gradient (no sample) counts as zero and receives the shared part. Call after
     :func:`drop_idle_gradients` and before any scaling."""
     if untied >= 1.0:

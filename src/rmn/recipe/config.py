@@ -92,6 +92,10 @@ class OptimConfig:
     # the sum over procedures) and untie linearly over this many epochs (rmn.training.tie_procedure_gradients).
     # 0: the paper, each procedure trains on its own samples from the first routed step.
     untie_epochs: float = 0.0
+    # Beyond the paper: the untied share the procedures end with (and keep to the end of training): 1 unties them
+    # fully (the paper, after untie_epochs); below 1 each procedure keeps getting that mix of its own gradient and
+    # (1 - untie_to) of the shared stage's, a pull towards the others (reached over untie_epochs, or at once).
+    untie_to: float = 1.0
 
 
 @dataclass
@@ -182,6 +186,7 @@ class Config:
             (o.procedure_grad_scale > 0, "optim.procedure_grad_scale must be > 0"),
             (o.rewarm_epochs >= 0, "optim.rewarm_epochs must be >= 0"),
             (o.untie_epochs >= 0, "optim.untie_epochs must be >= 0"),
+            (0 <= o.untie_to <= 1, "optim.untie_to must be between 0 and 1"),
             (r.amp in AMP_DTYPES, f"run.amp must be 'none', 'bf16' or 'fp16', got {r.amp!r}"),
             (r.mode in ("rmn", "baseline", "both"), f"run.mode must be 'rmn', 'baseline' or 'both', got {r.mode!r}"),
             (r.baseline_attention in ("none", "se"),

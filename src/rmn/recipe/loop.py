@@ -109,10 +109,10 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tally: Tally) -> tupl
     tally.revived += revive(run, update_memories(model))  # once per optimizer step, over the whole (global) batch
     drop_idle_gradients(model)
     if is_routed(model):
-        if cfg.optim.untie_epochs > 0:
+        if cfg.optim.untie_epochs > 0 or cfg.optim.untie_to < 1:
             spe = len(run.loaders[0])
             tie_procedure_gradients(model, untied_at(run.step, cfg.schedule.stem_epochs * spe,
-                                                     round(cfg.optim.untie_epochs * spe)))
+                                                     round(cfg.optim.untie_epochs * spe), cfg.optim.untie_to))
         if cfg.optim.procedure_grad_scale != 1.0:
             scale_procedure_gradients(model, cfg.optim.procedure_grad_scale)
         run.scaler.unscale_(run.optimizer)  # fp16: what step() would do first (a no-op otherwise)

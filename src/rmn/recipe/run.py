@@ -291,7 +291,7 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
 ROUTING_ONLY = {("model", k) for k in ("routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps",
                                        "memory_smoothing", "revive_after", "revive_threshold", "revive_reclone",
                                        "match_batchnorm", "procedure_batchnorm")} | {
-    ("optim", k) for k in ("procedure_grad_scale", "rewarm_epochs", "untie_epochs")}
+    ("optim", k) for k in ("procedure_grad_scale", "rewarm_epochs", "untie_epochs", "untie_to")}
 
 
 def _start_weights(cfg: Config) -> dict[str, torch.Tensor] | None:

@@ -38,12 +38,13 @@ def rewarmed_lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, 
     return lr_at(step - restart_step, total_steps - restart_step, rewarm_steps, peak, current, end)
 
 
-def untied_at(step: int, clone_step: int, untie_steps: int) -> float:
-    """How far routed step ``step`` has untied its procedures (``optim.untie_epochs``): rising linearly from
-    ``1 / untie_steps`` at the clone step to 1 after ``untie_steps`` steps; 1 (untied) when ``untie_steps`` is 0."""
+def untied_at(step: int, clone_step: int, untie_steps: int, final: float = 1.0) -> float:
+    """How far routed step ``step`` has untied its procedures (``optim.untie_epochs``, ``optim.untie_to``): rising
+    linearly from ``final / untie_steps`` at the clone step to ``final`` after ``untie_steps`` steps, then staying
+    there; ``final`` from the clone step on when ``untie_steps`` is 0 (1, untied, is the paper)."""
     if untie_steps <= 0:
-        return 1.0
-    return min(1.0, max(0.0, (step - clone_step + 1) / untie_steps))
+        return final
+    return final * min(1.0, max(0.0, (step - clone_step + 1) / untie_steps))
 
 
 @dataclass(frozen=True)
