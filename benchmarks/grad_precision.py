@@ -19,8 +19,9 @@ procedure's, where the batch routes samples to it) and the batches:
   like noise, up to sqrt(batches) when every step gets the same error;
 - for an RMN, ``route_changes``: per routed stage, the share of the batch's samples that a mode routes to another
   procedure than float64 does (routing is a discontinuous function of the stage input).
-Then BatchNorm alone (training mode, float32), contiguous vs channels_last, against float64: where the
-channels_last error starts.
+Then the same weights evaluated on the test set in each mode: top-1, and the share of images whose prediction or
+(in an RMN) route in any stage differs from float32's. And BatchNorm alone (training mode, float32), contiguous vs
+channels_last, against float64: where the channels_last error starts.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rmn.precision import Precision  # noqa: E402
 from rmn.recipe.config import load_config  # noqa: E402
@@ -53,9 +55,9 @@ MODES = {"float32": Precision(), "float32 + channels_last": Precision("none", Tr
 QUICK = {"data.dataset": "digits", "data.image_size": 8, "data.batch_size": 128, "model.width_mult": 0.125}
 
 
-def trained_model(row: str, epochs: int, quick: bool, out: Path) -> tuple[torch.nn.Module, list]:
+def trained_model(row: str, epochs: int, quick: bool, out: Path) -> tuple[torch.nn.Module, list, list]:
     """The value study's ``row`` after ``epochs`` float32 epochs (an RMN: its plain epochs, then routed ones up
-    to ``epochs``), and its training loader."""
+    to ``epochs``), its training loader and its evaluation loader."""
     cfg = load_config(CONFIGS / f"{row}.yaml", {
         "run.output": str(out), "run.threads": torch.get_num_threads(), "run.atlas": False, "run.tensorboard": False,
         "run.progress": "none", **(QUICK if quick else {})})
@@ -69,7 +71,7 @@ def trained_model(row: str, epochs: int, quick: bool, out: Path) -> tuple[torch.
         run_steps(cfg)
         run = Run.open(cfg)
     run.log.close()
-    return run.model.train(), run.loaders[0]
+    return run.model.train(), run.loaders[0], run.loaders[1]
 
 
 def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: Precision,
@@ -80,7 +82,7 @@ def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: Pr
     with mode.autocast():
         loss = F.cross_entropy(m(mode.batch(x.to(dtype))), y)
     loss.backward()
-    routes = [s.last_routes.clone() for s in m.modules() if isinstance(s, RoutedStage)]
+    routes = [s.last_routes.clone() for s in m.modules() if isinstance(s, RoutedStage) and s.last_routes is not None]
     return {n: p.grad.detach().double().contiguous() for n, p in m.named_parameters() if p.grad is not None}, routes
 
 
@@ -129,6 +131,27 @@ def step_errors(model, loader, batches: int) -> dict:
     return report
 
 
+@torch.no_grad()
+def evaluations(model: torch.nn.Module, loader) -> dict:
+    """Test top-1 of the same weights evaluated in each mode, and the share of test images whose prediction (and,
+    in an RMN, whose route in any stage) differs from float32's."""
+    out, ref = {}, None
+    for mode, prec in MODES.items():
+        m = prec.model(copy.deepcopy(model)).eval()
+        preds, routes, labels = [], [], []
+        for x, y in loader:
+            with prec.autocast():
+                preds.append(m(prec.batch(x)).argmax(1))
+            routes.append(torch.stack([s.last_routes for s in m.modules()
+                                       if isinstance(s, RoutedStage) and s.last_routes is not None] or [torch.zeros_like(y)]))
+            labels.append(y)
+        p, r, y = torch.cat(preds), torch.cat(routes, 1), torch.cat(labels)
+        ref = ref or (p, r)
+        out[mode] = {"top1": float((p == y).float().mean()), "prediction_changed": float((p != ref[0]).float().mean()),
+                     "route_changed": float((r != ref[1]).any(0).float().mean())}
+    return out
+
+
 def batchnorm_errors(shapes: list[tuple[int, int, int]], means: tuple[float, ...]) -> list[dict]:
     """BatchNorm in training mode, float32, contiguous and channels_last, against float64: output and input gradient."""
     rows = []
@@ -165,8 +188,9 @@ def main(argv=None) -> int:
         args.epochs, args.batches = 2, 2
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model, loader = trained_model(args.row, args.epochs, args.quick, Path(tmp))
+        model, loader, test = trained_model(args.row, args.epochs, args.quick, Path(tmp))
         steps = step_errors(model, loader, args.batches)
+        evals = evaluations(model, test)
     shapes = [(32, 4, 8)] if args.quick else [(256, 4, 28), (256, 8, 14), (256, 32, 4), (32, 4, 28)]
     bn = batchnorm_errors(shapes, (0.0, 3.0))
     print("| part | SGD noise (next batch) | " + " | ".join(f"{m} error (coherence)" for m in MODES) + " |")
@@ -177,6 +201,9 @@ def main(argv=None) -> int:
     if "route_changes" in steps:
         print("\nSamples routed elsewhere than in float64, per routed stage: " + "; ".join(
             f"{m} " + " ".join(f"{100 * v:.2f}%" for v in shares) for m, shares in steps["route_changes"].items()))
+    print("\nEvaluated in each mode (same weights, trained in float32): " + "; ".join(
+        f"{m} top-1 {100 * e['top1']:.2f}% (prediction changed {100 * e['prediction_changed']:.2f}%, "
+        f"a route changed {100 * e['route_changed']:.2f}%)" for m, e in evals.items()))
     print("\n| BatchNorm input (N, C, H, W) | input mean | contiguous: output, input grad | channels_last: output, input grad |")
     print("|---|---|---|---|")
     for r in bn:
@@ -185,7 +212,7 @@ def main(argv=None) -> int:
               f"{cl['output']:.1e}, {cl['input_grad']:.1e} |")
     report = {"row": args.row, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "threads": args.threads, "epochs": args.epochs, "batches": args.batches, "quick": args.quick,
-              "steps": steps, "batchnorm": bn}
+              "steps": steps, "evaluation": evals, "batchnorm": bn}
     out = write_results(report, args.out, args.quick, RESULTS / f"grad_precision-{args.row}.json")
     print(f"wrote {out}" if out else "not written (--quick)")
     return 0
