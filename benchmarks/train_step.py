@@ -109,7 +109,7 @@ def build_pair(model: str, num_procedures: int, attention: str | None, calib: to
 def train_fn(net, precision: Precision, x: torch.Tensor, y: torch.Tensor, batch: int):
     net = precision.model(copy.deepcopy(net)).train()
     net.auto_update = False
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-5, foreach=True)  # as the recipe
     xs = precision.batch(x)
     chunks = x.shape[0] // batch
 
