@@ -383,11 +383,13 @@ def draw(summary: list[dict]) -> list[Path]:
         fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
         low = []
         refs = [r for r in summary if r["row"] in REFERENCES.get(part, ())]
+        colors = row_colors(len(rows))
         for r in refs + rows:
             epochs, l, t = curves(r)
             ref = r in refs
             name = legend_name(r) + (" [reference]" if ref else "")
-            style = {"linestyle": "--", "color": ("black", "grey")[refs.index(r) % 2]} if ref else {"marker": "."}
+            style = ({"linestyle": "--", "color": ("black", "grey")[refs.index(r) % 2]} if ref else
+                     {"marker": ".", "color": colors[rows.index(r)]})
             acc.plot(epochs, t, label=name, **style)
             loss.plot(epochs, l, label=name, **style)
             low += t[len(t) // 3:]
@@ -400,14 +402,35 @@ def draw(summary: list[dict]) -> list[Path]:
         loss.set(xlabel="epoch", ylabel="training loss", title="training loss", yscale="log")
         for ax in (acc, loss):
             ax.grid(alpha=0.3)
-        acc.legend(fontsize=7, title="dotted: RMN rows clone" if clones else None, title_fontsize=7)
-        fig.suptitle(f"Value study: {PARTS[part]}", fontsize=10)
-        fig.tight_layout()
-        DOCS.mkdir(exist_ok=True)
-        fig.savefig(figure_path(part), dpi=100, metadata={"Software": None})
-        plt.close(fig)
+        save_with_legend(fig, acc, f"Value study: {PARTS[part]}", figure_path(part),
+                         "dotted: RMN rows clone" if clones else None)
         written.append(figure_path(part))
     return written
+
+
+def row_colors(n: int) -> list:
+    """One colour per drawn row: matplotlib's default ten, or tab20's twenty when there are more rows."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(k % cmap.N) for k in range(n)]
+
+
+def save_with_legend(fig, ax, title: str, path: Path, legend_title: str | None = None) -> None:
+    """Write ``fig`` with ``ax``'s legend below both panels (in two columns), so that no curve hides under it."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = ax.get_legend_handles_labels()
+    rows = (len(labels) + 1) // 2 + (1 if legend_title else 0)
+    height = fig.get_figheight()
+    fig.set_figheight(height + 0.18 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, title=legend_title, title_fontsize=7,
+               frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.18 * rows / fig.get_figheight(), 1, 1))
+    DOCS.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
 
 
 def routing_path(part: str) -> Path:
@@ -444,20 +467,17 @@ def draw_routing(summary: list[dict]) -> list[Path]:
         if not rows:
             continue
         fig, (fl, gn) = plt.subplots(1, 2, figsize=(11, 4))
-        for r in rows:
+        colors = row_colors(len(rows))
+        for r, color in zip(rows, colors):
             epochs, flips, norms = routing_curves(r)
             name = legend_name(r)
-            fl.plot(epochs, [100 * f for f in flips], marker=".", label=name)
-            gn.plot(epochs, norms, marker=".", label=name)
+            fl.plot(epochs, [100 * f for f in flips], marker=".", label=name, color=color)
+            gn.plot(epochs, norms, marker=".", label=name, color=color)
         fl.set(xlabel="epoch", ylabel="% of test samples", title="route changed since the previous epoch (mean of stages)")
         gn.set(xlabel="epoch", ylabel="L2 norm", title="procedure gradient norm (mean of procedures and stages)")
         for ax in (fl, gn):
             ax.grid(alpha=0.3)
-        fl.legend(fontsize=7)
-        fig.suptitle(f"Value study, routing: {PARTS[part]}", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(routing_path(part), dpi=100, metadata={"Software": None})
-        plt.close(fig)
+        save_with_legend(fig, fl, f"Value study, routing: {PARTS[part]}", routing_path(part))
         written.append(routing_path(part))
     return written
 
