@@ -45,7 +45,7 @@ from rmn.recipe.config import load_config  # noqa: E402
 from rmn.recipe.loop import train_epochs  # noqa: E402
 from rmn.recipe.run import Run  # noqa: E402
 from rmn.recipe.runner import run_steps  # noqa: E402
-from rmn.stage import RoutedStage  # noqa: E402
+from rmn.route import last_routes  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"  # grad_precision-<row>.json
@@ -75,15 +75,15 @@ def trained_model(row: str, epochs: int, quick: bool, out: Path) -> tuple[torch.
 
 
 def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: Precision,
-              dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+              dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Every parameter's gradient (as float64) of the batch's cross-entropy, on a copy of ``model`` (none for
-    the procedures no sample of the batch was routed to), and each routed stage's routes."""
+    the procedures no sample of the batch was routed to), and its routes (``rmn.last_routes``; None unrouted)."""
     m = mode.model(copy.deepcopy(model).to(dtype))
     with mode.autocast():
         loss = F.cross_entropy(m(mode.batch(x.to(dtype))), y)
     loss.backward()
-    routes = [s.last_routes.clone() for s in m.modules() if isinstance(s, RoutedStage) and s.last_routes is not None]
-    return {n: p.grad.detach().double().contiguous() for n, p in m.named_parameters() if p.grad is not None}, routes
+    return ({n: p.grad.detach().double().contiguous() for n, p in m.named_parameters() if p.grad is not None},
+            last_routes(m))
 
 
 def part(name: str) -> str:
@@ -109,7 +109,8 @@ def step_errors(model, loader, batches: int) -> dict:
             noise.setdefault(n, []).append(float((other.get(n, 0 * ref[n]) - ref[n]).norm() / ref[n].norm()))
         for mode, prec in MODES.items():
             g, routes = gradients(model, x, y, prec)
-            flips[mode].append([float((a != b).float().mean()) for a, b in zip(routes, ref_routes)])
+            if routes is not None:
+                flips[mode].append((routes != ref_routes).float().mean(1).tolist())
             for n in ref:  # (a sample routed elsewhere in this mode leaves its procedure's gradient short)
                 e = g.get(n, 0 * ref[n]) - ref[n]
                 err[mode].setdefault(n, []).append(float(e.norm() / ref[n].norm()))
@@ -125,7 +126,7 @@ def step_errors(model, loader, batches: int) -> dict:
                 "error": statistics.median(v for n in names for v in err[mode][n]),
                 "coherence": statistics.median(float(total[mode][n][0].norm()) / total[mode][n][1] ** 0.5
                                                if total[mode][n][1] else 1.0 for n in names)}
-    if any(flips[m][0] for m in MODES):
+    if all(flips.values()):
         report["route_changes"] = {m: [statistics.mean(b[k] for b in flips[m]) for k in range(len(flips[m][0]))]
                                    for m in MODES}
     return report
@@ -142,8 +143,8 @@ def evaluations(model: torch.nn.Module, loader) -> dict:
         for x, y in loader:
             with prec.autocast():
                 preds.append(m(prec.batch(x)).argmax(1))
-            routes.append(torch.stack([s.last_routes for s in m.modules()
-                                       if isinstance(s, RoutedStage) and s.last_routes is not None] or [torch.zeros_like(y)]))
+            r = last_routes(m)
+            routes.append(r if r is not None else torch.zeros(1, y.shape[0], dtype=torch.long))
             labels.append(y)
         p, r, y = torch.cat(preds), torch.cat(routes, 1), torch.cat(labels)
         ref = ref or (p, r)
