@@ -54,9 +54,9 @@ def test_rows_differ_from_the_base_only_where_declared(study, tmp_path):
             assert (cfg.schedule.epochs, cfg.schedule.stem_epochs) == (40, 7 if early else 13)
             assert cfg.optim.rewarm_epochs == (2.0 if rewarm else 0.0)
             assert spec.part == "beyond" or not early
-        if row.endswith("_combo"):  # the screen's four best changes together
+        if row.endswith(("_combo", "_combo_n1")):  # the screen's four best changes together (and their N=1 control)
             assert (cfg.model.num_procedures, cfg.model.routed_stages, cfg.optim.procedure_grad_scale,
-                    cfg.model.match_batchnorm) == (4, [2, 3], 2.0, True)
+                    cfg.model.match_batchnorm) == (1 if row.endswith("_n1") else 4, [2, 3], 2.0, True)
             assert (cfg.model.attention, cfg.model.procedure_batchnorm, cfg.optim.untie_epochs) == ("none", "slice", 0.0)
             assert cfg.data.batch_size == (1024 if "_1024" in row else 256)
         elif cfg.run.mode == "rmn":
