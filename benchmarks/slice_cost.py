@@ -2,6 +2,12 @@
 backward, on one batch of 256 vs on 8 slices of 32 (what N = 8 procedures see), per layer shape of the
 Fashion study's network (eighth-width ResNet-18 at 28x28), in float32 and bf16 + channels_last.
 
+A third column runs the 8 slices as one *grouped* block: the 8 procedures' weights stacked into one convolution
+with ``groups=8`` and one BatchNorm over 8x the channels, on the slices laid side by side along the channels
+(``grouped_block``; the same outputs, checked in tests/test_slice_cost.py). That is the best case for fusing a
+stage's procedures into one kernel call: equal slices need no padding. If it is not cheaper than 8 calls, fusing
+the procedures cannot remove the slices' cost either.
+
     .venv/bin/python benchmarks/slice_cost.py [--threads 1] [--reps 20]   # -> benchmarks/results/slice_cost.json
     .venv/bin/python benchmarks/slice_cost.py --quick                     # smoke run: 1 rep, 1 round, writes nothing
 
@@ -14,12 +20,15 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from results_file import write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_file, when imported rather than run
+from results_file import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "slice_cost.json"
 SHAPES = ((8, 28), (16, 14), (32, 7), (64, 4))  # (channels, side) of the four stages
@@ -40,6 +49,25 @@ def block_time(block: nn.Module, xs: list[torch.Tensor], bf16: bool, reps: int) 
     return (time.process_time() - t0) / reps
 
 
+def grouped_block(blocks: list[nn.Sequential]) -> nn.Sequential:
+    """One conv + BatchNorm + ReLU block computing ``blocks[j]`` on channel group ``j`` of its input: the N
+    procedures of a stage as one grouped convolution and one BatchNorm (per-channel, so per-procedure statistics)."""
+    n, conv, bn = len(blocks), blocks[0][0], blocks[0][1]
+    c_in, c_out = conv.in_channels, conv.out_channels
+    g = nn.Sequential(nn.Conv2d(n * c_in, n * c_out, conv.kernel_size, conv.stride, conv.padding, groups=n, bias=False),
+                      nn.BatchNorm2d(n * c_out, eps=bn.eps, momentum=bn.momentum), nn.ReLU())
+    with torch.no_grad():
+        g[0].weight.copy_(torch.cat([b[0].weight for b in blocks]))
+        g[1].weight.copy_(torch.cat([b[1].weight for b in blocks]))
+        g[1].bias.copy_(torch.cat([b[1].bias for b in blocks]))
+    return g
+
+
+def side_by_side(slices: list[torch.Tensor]) -> torch.Tensor:
+    """Equal slices [b, C, H, W] laid side by side along the channels: [b, N*C, H, W], slice j in group j."""
+    return torch.cat(slices, dim=1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -55,24 +83,29 @@ def main(argv=None) -> int:
     rows = []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"| layer | precision | batch {args.batch} ms | {args.slices} x {args.batch // args.slices} ms | ratio |")
-    print("|---|---|---|---|---|")
+    k, b = args.slices, args.batch // args.slices
+    print(f"| layer | precision | batch {args.batch} ms | {k} x {b} ms | ratio | {k} x {b} grouped ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for precision in ("float32", "bf16 + channels_last"):
         bf16 = precision != "float32"
         fmt = torch.channels_last if bf16 else torch.contiguous_format
         for c, side in SHAPES:
             block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
             block = block.to(memory_format=fmt)
+            grouped = grouped_block([block] * k).to(memory_format=fmt)
             x = torch.randn(args.batch, c, side, side).contiguous(memory_format=fmt)
-            whole, sliced = [x], list(x.split(args.batch // args.slices))
-            a, b = [], []
+            whole, sliced = [x], list(x.split(b))
+            stacked = [side_by_side(sliced).contiguous(memory_format=fmt)]
+            t = {"batch": [], "slices": [], "grouped": []}
             for _ in range(args.rounds):  # interleaved
-                a.append(block_time(block, whole, bf16, args.reps))
-                b.append(block_time(block, sliced, bf16, args.reps))
-            ta, tb = statistics.median(a), statistics.median(b)
-            print(f"| {c} ch, {side}x{side} | {precision} | {1e3 * ta:.2f} | {1e3 * tb:.2f} | {tb / ta:.2f} |", flush=True)
+                t["batch"].append(block_time(block, whole, bf16, args.reps))
+                t["slices"].append(block_time(block, sliced, bf16, args.reps))
+                t["grouped"].append(block_time(grouped, stacked, bf16, args.reps))
+            ta, tb, tg = (statistics.median(t[key]) for key in ("batch", "slices", "grouped"))
+            print(f"| {c} ch, {side}x{side} | {precision} | {1e3 * ta:.2f} | {1e3 * tb:.2f} | {tb / ta:.2f} "
+                  f"| {1e3 * tg:.2f} | {tg / ta:.2f} |", flush=True)
             rows.append({"channels": c, "side": side, "precision": precision, "batch_ms": 1e3 * ta,
-                         "slices_ms": 1e3 * tb, "ratio": tb / ta})
+                         "slices_ms": 1e3 * tb, "ratio": tb / ta, "grouped_ms": 1e3 * tg, "grouped_ratio": tg / ta})
     out = write_results({"args": vars(args), "torch": torch.__version__, "processor": platform.processor(), "rows": rows},
                         args.out, args.quick, RESULTS)
     if out is not None:
