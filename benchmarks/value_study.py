@@ -72,7 +72,7 @@ PARTS = {"capacity": "Capacity control (10 epochs, batch 256)",
          "screen": "Screening changes beyond the paper (width 1/16, 10 epochs, batch 256, one change each)",
          "paper": "The paper's regime (width 1/16, 40 epochs, 13 plain)",
          "longer": "Twice the paper regime's length (width 1/16, 80 epochs, 27 plain, batch 256)",
-         "beyond": "Beyond the paper (paper regime, RMN N=8 at batch 256, one change each)",
+         "beyond": "Beyond the paper in its regime (width 1/16, 40 epochs, 13 plain; batch 256 unless stated)",
          "precision": "Mixed precision: the narrow rows in bf16 + channels_last (width 1/16, 10 epochs, batch 256)"}
 # Rows drawn (dashed) beside a part's own in its figure: what its one-change rows are compared with.
 REFERENCES = {"screen": ("narrow_baseline", "narrow_rmn"), "beyond": ("e40_baseline", "e40_rmn_256"),
