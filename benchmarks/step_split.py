@@ -13,7 +13,14 @@ Variants, all from ``train_step.build_pair`` (memories by k-means on the stage f
 * ``distinct``: the RMN's own 8 procedures, still on forced equal slices. It adds 8 sets of weights: 8x the
   autocast casts and weight gradients, and caches holding 8 copies;
 * ``routed``: the RMN as it trains: routes from the memories, so slices of unequal sizes that change every step,
-  and the memory update.
+  and the memory update;
+* ``grouped``: ``distinct``'s procedures on the same equal slices, but each routed stage runs them as *one* network
+  whose convolutions are grouped (N x the groups) and whose BatchNorms have N x the channels
+  (:func:`grouped_template`), the slices laid side by side along the channels and the N procedures' weights
+  concatenated at every step (so gradients reach each procedure). The same outputs as ``distinct``
+  (tests/test_step_split.py). Equal slices need no padding and no BatchNorm that skips padding rows, so this is
+  what fusing a stage's procedures into grouped kernel calls could buy *at best*. It is a measurement, not an rmn
+  feature: running statistics are not updated.
 
 No optimizer step (``train_step.py`` times it with one). Interleaved rounds, median process CPU time per step, ratios
 over the baseline's. Writes ``benchmarks/results/step_split.json``.
@@ -36,13 +43,14 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rmn.analysis.latency import interleaved_times  # noqa: E402
+from rmn.dispatch import memory_format  # noqa: E402
 from rmn.precision import Precision  # noqa: E402
 from rmn.route import routed_stages, update_memories  # noqa: E402
 from results_file import write_results  # noqa: E402
 from train_step import MODELS, PRECISIONS, build_pair, calibration_images  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "step_split.json"
-VARIANTS = ("baseline", "sliced", "distinct", "routed")
+VARIANTS = ("baseline", "sliced", "distinct", "routed", "grouped")
 
 
 def equal_routes(num_procedures: int):
@@ -51,6 +59,45 @@ def equal_routes(num_procedures: int):
     def route(features: torch.Tensor) -> torch.Tensor:
         return torch.arange(features.shape[0], device=features.device) % num_procedures
     return route
+
+
+def grouped_template(procedure: nn.Module, n: int) -> nn.Module:
+    """``procedure``'s structure with every Conv2d grouped N times over (N x the channels and the groups) and every
+    BatchNorm2d over N x the channels: run on N inputs laid side by side along the channels, with the N procedures'
+    parameters concatenated, it computes each procedure on its own input."""
+    template = copy.deepcopy(procedure)
+    for name, m in list(template.named_modules()):
+        if isinstance(m, nn.Conv2d):
+            new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                            n * m.groups, m.bias is not None)
+        elif isinstance(m, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(n * m.num_features, m.eps, m.momentum)
+        elif any(True for _ in m.parameters(recurse=False)):
+            raise ValueError(f"cannot group a {type(m).__name__} ({name}): only Conv2d and BatchNorm2d have parameters")
+        else:
+            continue
+        parent = template.get_submodule(name.rsplit(".", 1)[0]) if "." in name else template
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return template
+
+
+class GroupedProcedures(nn.Module):
+    """A routed stage's N procedures run as one grouped network on equal slices (sample ``b`` to procedure ``b mod N``)."""
+
+    def __init__(self, procedures: nn.ModuleList) -> None:
+        super().__init__()
+        self.procedures = procedures
+        self.template = [grouped_template(procedures[0], len(procedures))]  # a list: not a submodule, no parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, fmt = len(self.procedures), memory_format(x)
+        b, c = x.shape[0] // n, x.shape[1]
+        own = [dict(p.named_parameters()) | dict(p.named_buffers()) for p in self.procedures]
+        state = {k: torch.cat([o[k] for o in own]) if own[0][k].dim() else own[0][k] for k in own[0]}
+        xg = x.reshape(b, n * c, *x.shape[2:]).contiguous(memory_format=fmt)  # row k*n + j -> group j of row k
+        self.template[0].train(self.procedures.training)
+        y = torch.func.functional_call(self.template[0], state, (xg,))
+        return y.reshape(b * n, y.shape[1] // n, *y.shape[2:]).contiguous(memory_format=fmt)
 
 
 def variant(pair: dict, name: str) -> nn.Module:
@@ -67,6 +114,8 @@ def variant(pair: dict, name: str) -> nn.Module:
         if name == "sliced":  # one module N times over: the baseline's stage
             stage.procedures = nn.ModuleList([plain.procedures[0]] * stage.num_procedures)
         stage.memory.route = equal_routes(stage.num_procedures)
+        if name == "grouped":  # the stage's forward is the grouped network (no routing: the slices are fixed)
+            object.__setattr__(stage, "forward", GroupedProcedures(stage.procedures))  # an instance attribute, unregistered
     return net
 
 
