@@ -32,7 +32,7 @@ from rmn.precision import FLOAT32  # noqa: E402
 from rmn.recipe.measures import GradNormMeans, remember_routes, remembered_routes, route_flips  # noqa: E402
 from rmn.training import procedure_grad_norms  # noqa: E402
 from train_step import MODELS, build_pair, calibration_images, train_fn  # noqa: E402
-from results_file import write_results  # noqa: E402
+from results_file import add_timing_args, apply_quick, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "measures_cost.json"
 
@@ -84,15 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("--procedures", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--inner", type=int, default=3)
+    add_timing_args(ap, RESULTS, rounds=10, warmup=2, inner=3, quick="1 round")
     ap.add_argument("--eval-samples", type=int, default=10_000)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round; writes only to --out")
-    ap.add_argument("--out", default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.inner = 1, 0, 1
+    apply_quick(args)
     torch.set_num_threads(args.threads)
     report = {"machine": {"platform": platform.platform(), "torch": torch.__version__}, "args": vars(args),
               "per_step": step_costs(args), "per_evaluation": evaluation_costs(args)}

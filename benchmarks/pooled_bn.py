@@ -31,7 +31,7 @@ from rmn.analysis.calibrate import measure_route_counts  # noqa: E402
 from rmn.analysis.latency import interleaved_times  # noqa: E402
 from rmn.pooled_bn import set_procedure_batchnorm  # noqa: E402
 from rmn.precision import FLOAT32  # noqa: E402
-from results_file import write_results  # noqa: E402
+from results_file import add_timing_args, apply_quick, write_results  # noqa: E402
 
 RESULTS = HERE / "results" / "pooled_bn.json"
 
@@ -64,14 +64,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--procedures", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=8, help="timed interleaved rounds")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--inner", type=int, default=2, help="steps per timed block")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 thread, 1 round; writes only to --out")
-    ap.add_argument("--out", default=None, help=f"results file (default {RESULTS.name} in benchmarks/results; none with --quick)")
+    add_timing_args(ap, RESULTS, rounds=8, warmup=1, inner=2, quick="1 thread, 1 round")
     args = ap.parse_args(argv)
+    apply_quick(args)
     if args.quick:
-        args.threads, args.rounds, args.warmup, args.inner = [1], 1, 0, 1
+        args.threads = [1]
     rows = [measure(t, args) for t in args.threads]
     report = {"command": "benchmarks/pooled_bn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}

@@ -13,3 +13,19 @@ def write_results(report: dict, out: str | None, quick: bool, default: Path) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")
     return path
+
+
+def add_timing_args(ap, results: Path, rounds: int, warmup: int, inner: int, quick: str) -> None:
+    """The options every interleaved-timing benchmark shares: rounds, warm-up, calls per timed block, and the
+    ``--quick`` / ``--out`` convention (``quick`` says what a smoke run does; :func:`apply_quick` applies it)."""
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed interleaved rounds")
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--inner", type=int, default=inner, help="calls per timed block")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {quick}; writes only to --out")
+    ap.add_argument("--out", default=None, help=f"results file (default benchmarks/results/{results.name}; none with --quick)")
+
+
+def apply_quick(args) -> None:
+    """A ``--quick`` smoke run times one round of one call, without warm-up."""
+    if args.quick:
+        args.rounds, args.warmup, args.inner = 1, 0, 1

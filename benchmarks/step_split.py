@@ -46,7 +46,7 @@ from rmn.analysis.latency import interleaved_times  # noqa: E402
 from rmn.dispatch import memory_format  # noqa: E402
 from rmn.precision import Precision  # noqa: E402
 from rmn.route import routed_stages, update_memories  # noqa: E402
-from results_file import write_results  # noqa: E402
+from results_file import add_timing_args, apply_quick, write_results  # noqa: E402
 from train_step import MODELS, PRECISIONS, build_pair, calibration_images  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "step_split.json"
@@ -162,14 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--procedures", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=10, help="timed interleaved rounds")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--inner", type=int, default=4, help="steps per timed block")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1 step; writes only to --out")
-    ap.add_argument("--out", default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)")
+    add_timing_args(ap, RESULTS, rounds=10, warmup=1, inner=4, quick="1 round of 1 step")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.warmup, args.inner = 1, 0, 1
+    apply_quick(args)
     torch.set_num_threads(args.threads)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
               "args": vars(args), "runs": [measure(m, p, args) for m in args.models for p in args.precisions]}

@@ -47,7 +47,7 @@ from rmn.backbones import create_backbone  # noqa: E402
 from rmn.precision import Precision, compile_parts  # noqa: E402
 from rmn.route import route, update_memories  # noqa: E402
 from rmn.training import drop_idle_gradients  # noqa: E402
-from results_file import write_results  # noqa: E402
+from results_file import add_timing_args, apply_quick, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 MODELS = {  # name: (width_mult, image size, channels, classes)
@@ -208,20 +208,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--procedures", type=int, default=8)
     ap.add_argument("--attention", choices=("none", "ca"), default="none")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=8, help="timed interleaved rounds")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--inner", type=int, default=2, help="calls per timed block")
+    add_timing_args(ap, RESULTS, rounds=8, warmup=1, inner=2, quick="fashion, 1 thread, 1 round")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd variants (slow to warm up on CPU)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="smoke run: fashion, 1 thread, 1 round; writes only to --out")
-    ap.add_argument("--out", default=None, help=f"results file (default {RESULTS.relative_to(ROOT)}; none with --quick)")
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    apply_quick(args)
     if args.quick:
-        args.models, args.threads, args.rounds, args.warmup, args.inner = ["fashion"], [1], 1, 0, 1
+        args.models, args.threads = ["fashion"], [1]
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                           "cpu_count": torch.get_num_threads()},
               "args": vars(args), "runs": []}
