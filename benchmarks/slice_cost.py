@@ -4,7 +4,7 @@ Fashion study's network (eighth-width ResNet-18 at 28x28), in float32 and bf16 +
 
 A third column runs the 8 slices as one *grouped* block: the 8 procedures' weights stacked into one convolution
 with ``groups=8`` and one BatchNorm over 8x the channels, on the slices laid side by side along the channels
-(``grouped_block``; the same outputs, checked in tests/test_slice_cost.py). That is the best case for fusing a
+(``grouped_block``, built as step_split's grouped variant is; the same outputs, checked in tests/test_slice_cost.py). That is the best case for fusing a
 stage's procedures into one kernel call: equal slices need no padding. If it is not cheaper than 8 calls, fusing
 the procedures cannot remove the slices' cost either.
 
@@ -29,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_file, when imported rather than run
 from results_file import write_results  # noqa: E402
+from step_split import grouped_template, stacked_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "slice_cost.json"
 SHAPES = ((8, 28), (16, 14), (32, 7), (64, 4))  # (channels, side) of the four stages
@@ -49,18 +50,12 @@ def block_time(block: nn.Module, xs: list[torch.Tensor], bf16: bool, reps: int) 
     return (time.process_time() - t0) / reps
 
 
-def grouped_block(blocks: list[nn.Sequential]) -> nn.Sequential:
+def grouped_block(blocks: list[nn.Sequential]) -> nn.Module:
     """One conv + BatchNorm + ReLU block computing ``blocks[j]`` on channel group ``j`` of its input: the N
     procedures of a stage as one grouped convolution and one BatchNorm (per-channel, so per-procedure statistics)."""
-    n, conv, bn = len(blocks), blocks[0][0], blocks[0][1]
-    c_in, c_out = conv.in_channels, conv.out_channels
-    g = nn.Sequential(nn.Conv2d(n * c_in, n * c_out, conv.kernel_size, conv.stride, conv.padding, groups=n, bias=False),
-                      nn.BatchNorm2d(n * c_out, eps=bn.eps, momentum=bn.momentum), nn.ReLU())
-    with torch.no_grad():
-        g[0].weight.copy_(torch.cat([b[0].weight for b in blocks]))
-        g[1].weight.copy_(torch.cat([b[1].weight for b in blocks]))
-        g[1].bias.copy_(torch.cat([b[1].bias for b in blocks]))
-    return g
+    grouped = grouped_template(blocks[0], len(blocks))
+    grouped.load_state_dict({k: v.detach().clone() for k, v in stacked_state(blocks).items()})
+    return grouped
 
 
 def side_by_side(slices: list[torch.Tensor]) -> torch.Tensor:

@@ -81,6 +81,13 @@ def grouped_template(procedure: nn.Module, n: int) -> nn.Module:
     return template
 
 
+def stacked_state(modules) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of ``grouped_template(modules[0], len(modules))`` that make it compute each of
+    ``modules`` on its own group: theirs concatenated (a step counter, 0-d, is the first one's)."""
+    own = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in modules]
+    return {k: torch.cat([o[k] for o in own]) if own[0][k].dim() else own[0][k] for k in own[0]}
+
+
 class GroupedProcedures(nn.Module):
     """A routed stage's N procedures run as one grouped network on equal slices (sample ``b`` to procedure ``b mod N``)."""
 
@@ -92,8 +99,7 @@ class GroupedProcedures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, fmt = len(self.procedures), memory_format(x)
         b, c = x.shape[0] // n, x.shape[1]
-        own = [dict(p.named_parameters()) | dict(p.named_buffers()) for p in self.procedures]
-        state = {k: torch.cat([o[k] for o in own]) if own[0][k].dim() else own[0][k] for k in own[0]}
+        state = stacked_state(self.procedures)  # every step, so gradients reach each procedure
         xg = x.reshape(b, n * c, *x.shape[2:]).contiguous(memory_format=fmt)  # row k*n + j -> group j of row k
         self.template[0].train(self.procedures.training)
         y = torch.func.functional_call(self.template[0], state, (xg,))
