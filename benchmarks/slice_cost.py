@@ -4,8 +4,9 @@ Fashion study's network (eighth-width ResNet-18 at 28x28), in float32 and bf16 +
 
 A third column runs the 8 slices as one *grouped* block: the 8 procedures' weights stacked into one convolution
 with ``groups=8`` and one BatchNorm over 8x the channels, on the slices laid side by side along the channels
-(``grouped_block``, built as step_split's grouped variant is; the same outputs, checked in tests/test_slice_cost.py). That is the best case for fusing a
-stage's procedures into one kernel call: equal slices need no padding. If it is not cheaper than 8 calls, fusing
+(``grouped_block``, built as step_split's grouped variant is; the same outputs, checked in
+tests/test_slice_cost.py). That is the best case for fusing a stage's procedures into one kernel call: equal
+slices need no padding. If it is not cheaper than 8 calls, fusing
 the procedures cannot remove the slices' cost either.
 
     .venv/bin/python benchmarks/slice_cost.py [--threads 1] [--reps 20]   # -> benchmarks/results/slice_cost.json

@@ -1,5 +1,5 @@
-"""Where a routed training step's extra time goes: forward + backward of the baseline against three RMNs that add one
-cost at a time (issue #15: RMN / baseline under bf16 + channels_last).
+"""Where a routed training step's extra time goes: forward + backward of the baseline against four RMNs that each change
+one thing (issue #15: RMN / baseline under bf16 + channels_last).
 
     .venv/bin/python benchmarks/step_split.py                       # fashion, bf16 + channels_last and float32
     .venv/bin/python benchmarks/step_split.py --quick               # smoke run: 1 round, writes nothing
@@ -113,12 +113,12 @@ def variant(pair: dict, name: str) -> nn.Module:
     net = copy.deepcopy(pair["rmn"])
     if name == "routed":
         return net
-    base = copy.deepcopy(pair["baseline"])
-    for stage, plain in zip(routed_stages(net), routed_stages(base)):
+    plain = routed_stages(copy.deepcopy(pair["baseline"])) if name == "sliced" else None
+    for i, stage in enumerate(routed_stages(net)):
         if stage.memory is None:
             continue
-        if name == "sliced":  # one module N times over: the baseline's stage
-            stage.procedures = nn.ModuleList([plain.procedures[0]] * stage.num_procedures)
+        if plain is not None:  # one module N times over: the baseline's stage
+            stage.procedures = nn.ModuleList([plain[i].procedures[0]] * stage.num_procedures)
         stage.memory.route = equal_routes(stage.num_procedures)
         if name == "grouped":  # the stage's forward is the grouped network (no routing: the slices are fixed)
             object.__setattr__(stage, "forward", GroupedProcedures(stage.procedures))  # an instance attribute, unregistered
