@@ -137,6 +137,10 @@ ROWS = {
                              "beyond", {**E40_RMN, **COMBO}, stem_from="e40_baseline"),
     "e40_rmn_1024_combo": Row("RMN at batch 1024 + the screen's best four together", "beyond",
                               {**E40_RMN, "data.batch_size": 1024, **COMBO}, stem_from="e40_baseline_1024"),
+    # what the late loss rise of e40_rmn_1024 seed 2 points to: memories that keep moving while the LR anneals
+    "e40_rmn_1024_follow": Row("RMN at batch 1024 + memories follow the LR (each update x LR/peak)", "beyond",
+                               {**RMN, "data.batch_size": 1024, **E40, "model.memory_follows_lr": True},
+                               main=False, stem_from="e40_baseline_1024"),
     # the control that could prove the combination wrong: the same four settings with a single procedure (no added
     # capacity, no routing choice); what is left of the combination's changes is a doubled learning rate for stages 3-4
     "e40_rmn_256_combo_n1": Row("control: the same four settings with N=1 (no added capacity; stages 3-4 at twice the LR)",

@@ -37,6 +37,29 @@ def test_ema_update_matches_formula_and_leaves_others_untouched():
     assert torch.equal(bank.memories, before)
 
 
+@pytest.mark.parametrize("rule", ["ema", "count_ema"])
+def test_update_rate_scales_the_step(rule):
+    """rate r moves like momentum 1 - (1 - alpha) r (rule for rule); r = 1 is the paper's update, bit for bit,
+    and r = 0 leaves the memories where they are."""
+    g = torch.Generator().manual_seed(0)
+    mem, feats = torch.randn(4, 3, generator=g), torch.randn(32, 3, generator=g)
+
+    def after(momentum, **kw):
+        bank = MemoryBank(4, 3, momentum=momentum, rule=rule)
+        bank.set_memories(mem)
+        bank.train()
+        bank.route(feats)
+        bank.update(**kw)
+        return bank.memories.clone()
+
+    assert torch.equal(after(0.9, rate=1.0), after(0.9))
+    assert torch.equal(after(0.9, rate=0.0), mem)
+    torch.testing.assert_close(after(0.9, rate=0.25), after(1 - 0.1 * 0.25), rtol=0, atol=1e-6)
+    assert not torch.allclose(after(0.9, rate=0.25), after(0.9))
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\]"):
+        after(0.9, rate=1.5)
+
+
 def test_eval_mode_changes_nothing():
     bank = MemoryBank(3, 5)
     bank.set_memories(torch.randn(3, 5))

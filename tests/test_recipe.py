@@ -302,6 +302,23 @@ def test_procedure_grad_scale_applies_to_routed_steps_only(tmp_path, monkeypatch
     assert calls == []  # the paper: gradients as they are
 
 
+def test_memory_follows_lr_passes_the_lr_over_its_peak(tmp_path, monkeypatch):
+    from rmn.recipe import loop
+
+    rates, lrs = [], []
+    real_update, real_set_lr = loop.update_memories, loop.set_lr
+    monkeypatch.setattr(loop, "update_memories", lambda model, rate=1.0: (rates.append(rate), real_update(model, rate))[1])
+    monkeypatch.setattr(loop, "set_lr", lambda run: (lrs.append(real_set_lr(run)), lrs[-1])[1])
+    overrides = {"schedule.epochs": 2, "schedule.stem_epochs": 1, "run.atlas": False, "optim.lr": 0.05}
+    run_steps(tiny_cfg(tmp_path / "f", **overrides, **{"model.memory_follows_lr": True}))
+    routed = lrs[-STEPS_PER_EPOCH:]
+    assert rates[-STEPS_PER_EPOCH:] == pytest.approx([lr / 0.05 for lr in routed])
+    assert min(rates) < 0.5  # the cosine's end: the memories nearly stop
+    rates.clear()
+    run_steps(tiny_cfg(tmp_path / "p", **overrides))
+    assert rates and set(rates) == {1.0}  # the paper: the same step whatever the LR
+
+
 def test_match_batchnorm_in_step_three_keeps_the_training_function(tmp_path):
     """Right after step 3, in training mode on the same batch: the matched network stays near the plain one."""
     import copy

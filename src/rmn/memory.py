@@ -16,6 +16,9 @@ lets procedures die:
   ``m <- (s + lam * m) / (c + lam)``. A memory's move is weighed by how many samples it saw, and a
   memory without samples stays where it is (the pseudo-count ``lam`` is the Laplace smoothing).
 * ``accumulate_steps=K``: statistics of K steps form one update (a "virtual batch" for memories).
+* ``update(rate=r)``: the step's update is scaled by ``r`` (``alpha_eff = 1 - (1 - alpha) * r``); the recipe
+  passes the LR over its peak when ``model.memory_follows_lr`` is set, so memories settle as the LR anneals
+  instead of moving on (online k-means) while the procedures can no longer follow them.
 * revival: a memory whose load share stays at or below ``revive_threshold`` for ``revive_after``
   consecutive steps is re-seeded by splitting the most loaded memory along the per-dimension
   spread of its samples: ``m_dead = mu + d``, ``m_donor = mu - d``, ``d = split_scale * sigma``.
@@ -166,10 +169,12 @@ class MemoryBank(nn.Module):
         self.load += counts
 
     @torch.no_grad()
-    def update(self) -> list[tuple[int, int]]:
+    def update(self, rate: float = 1.0) -> list[tuple[int, int]]:
         """End of an optimizer step: all-reduce this step's statistics, apply the update rule (every
-        ``accumulate_steps`` steps), revive starving memories. Returns the revivals as
-        ``(revived, donor)`` pairs."""
+        ``accumulate_steps`` steps) with its step scaled by ``rate`` (1: the paper; 0: the memories stay),
+        revive starving memories. Returns the revivals as ``(revived, donor)`` pairs."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"memory update rate must be in [0, 1], got {rate}")
         stats = [self.pending_sum, self.pending_count] + ([self.pending_sqsum] if self.revive_after else [])
         distributed.all_reduce_sum(*stats)
         self.last_counts = self.pending_count.clone()
@@ -178,19 +183,19 @@ class MemoryBank(nn.Module):
             self.acc_count += self.pending_count
             self.acc_steps += 1
             if int(self.acc_steps) >= self.accumulate_steps:
-                self._apply_rule(self.acc_sum, self.acc_count)
+                self._apply_rule(self.acc_sum, self.acc_count, rate)
                 self.acc_sum.zero_()
                 self.acc_count.zero_()
                 self.acc_steps.zero_()
         else:
-            self._apply_rule(self.pending_sum, self.pending_count)
+            self._apply_rule(self.pending_sum, self.pending_count, rate)
         revived = self._revive() if self.revive_after else []
         for t in stats:
             t.zero_()
         return revived
 
-    def _apply_rule(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
-        a = self.momentum
+    def _apply_rule(self, sums: torch.Tensor, counts: torch.Tensor, rate: float = 1.0) -> None:
+        a = self.momentum if rate == 1.0 else 1.0 - (1.0 - self.momentum) * rate
         if self.rule == "count_ema":
             self.ema_count.mul_(a).add_((1 - a) * counts)
             self.ema_sum.mul_(a).add_((1 - a) * sums)

@@ -126,13 +126,14 @@ def routing_of(model: nn.Module) -> Routing:
 
 
 @torch.no_grad()
-def update_memories(model: nn.Module) -> list[tuple[int, int, int]]:
+def update_memories(model: nn.Module, rate: float = 1.0) -> list[tuple[int, int, int]]:
     """Apply the pending memory statistics of every routed stage (once per optimizer step when the
-    stages' ``auto_update`` is off). Returns revivals as ``(stage, revived, donor)``."""
+    stages' ``auto_update`` is off), each move scaled by ``rate`` (:meth:`MemoryBank.update`).
+    Returns revivals as ``(stage, revived, donor)``."""
     events = []
     for i, bank in enumerate(memory_banks(model)):
         if bank is not None:
-            events += [(i, j, donor) for j, donor in bank.update()]
+            events += [(i, j, donor) for j, donor in bank.update(rate)]
     return events
 
 

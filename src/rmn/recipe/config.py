@@ -43,6 +43,9 @@ class ModelConfig:
     memory_rule: str = "ema"
     memory_accumulate_steps: int = 1
     memory_smoothing: float = 1.0  # count_ema's Laplace pseudo-count
+    # Beyond the paper: scale each step's memory update by the LR over its peak, so the memories settle as the LR
+    # anneals (the paper's memories keep moving at the same rate while the procedures' LR goes to zero)
+    memory_follows_lr: bool = False
     revive_after: int = 0  # steps a memory may starve before it is re-seeded (0 = never)
     revive_threshold: float = 0.0  # load share at or below which a memory is starving
     revive_reclone: bool = True  # also copy the donor's procedure and optimizer state

@@ -106,7 +106,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tally: Tally) -> tupl
     every = _host_every(run)
     if (run.step + 1) % every == 0 and not bool(tally.finite):
         raise RecipeError(f"training diverged {'at' if every == 1 else 'at or before'} step {run.step} (loss {float(loss.detach())}); lower optim.lr")
-    tally.revived += revive(run, update_memories(model))  # once per optimizer step, over the whole (global) batch
+    rate = min(1.0, lr / cfg.optim.lr) if cfg.model.memory_follows_lr else 1.0
+    tally.revived += revive(run, update_memories(model, rate))  # once per optimizer step, over the whole (global) batch
     drop_idle_gradients(model)
     if is_routed(model):
         if cfg.optim.untie_epochs > 0 or cfg.optim.untie_to < 1:

@@ -289,8 +289,8 @@ def _restore(cfg: Config, data: build.Data, ckpt: Checkpoint, phase: str, device
 # Keys that only matter once stages are routed: a plain network trained under any of them is the
 # same network (with CA the stem's random routes depend on N, so N must match then).
 ROUTING_ONLY = {("model", k) for k in ("routed_stages", "memory_momentum", "memory_rule", "memory_accumulate_steps",
-                                       "memory_smoothing", "revive_after", "revive_threshold", "revive_reclone",
-                                       "match_batchnorm", "procedure_batchnorm")} | {
+                                       "memory_smoothing", "memory_follows_lr", "revive_after", "revive_threshold",
+                                       "revive_reclone", "match_batchnorm", "procedure_batchnorm")} | {
     ("optim", k) for k in ("procedure_grad_scale", "rewarm_epochs", "untie_epochs", "untie_to")}
 
 
