@@ -40,7 +40,7 @@ def test_ema_update_matches_formula_and_leaves_others_untouched():
 @pytest.mark.parametrize("rule", ["ema", "count_ema"])
 def test_update_rate_scales_the_step(rule):
     """rate r moves like momentum 1 - (1 - alpha) r (rule for rule); r = 1 is the paper's update, bit for bit,
-    and r = 0 leaves the memories where they are."""
+    and r = 0 leaves fresh memories where they are."""
     g = torch.Generator().manual_seed(0)
     mem, feats = torch.randn(4, 3, generator=g), torch.randn(32, 3, generator=g)
 

@@ -171,8 +171,8 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def update(self, rate: float = 1.0) -> list[tuple[int, int]]:
         """End of an optimizer step: all-reduce this step's statistics, apply the update rule (every
-        ``accumulate_steps`` steps) with its step scaled by ``rate`` (1: the paper; 0: the memories stay),
-        revive starving memories. Returns the revivals as ``(revived, donor)`` pairs."""
+        ``accumulate_steps`` steps) with momentum ``1 - (1 - alpha) * rate`` (1: the rule as it is; 0: this step's
+        statistics are ignored), revive starving memories. Returns the revivals as ``(revived, donor)`` pairs."""
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"memory update rate must be in [0, 1], got {rate}")
         stats = [self.pending_sum, self.pending_count] + ([self.pending_sqsum] if self.revive_after else [])
