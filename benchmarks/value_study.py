@@ -88,6 +88,7 @@ EARLY = {"schedule.stem_epochs": 7}  # cloning earlier (upcycling practice), wit
 REWARM = {**EARLY, "optim.rewarm_epochs": 2.0}  # ...and the LR re-warmed to its peak over 2 epochs after cloning
 RMN = {"run.mode": "rmn", "model.attention": "none", "model.num_procedures": 8}
 E40_RMN = {**RMN, "data.batch_size": 256, **E40}  # the paper regime's RMN at 256, which part beyond changes one thing of
+E40_RMN_1024 = {**RMN, "data.batch_size": 1024, **E40}  # the paper-faithful RMN, which e40_rmn_1024_follow changes one thing of
 BF16 = {"run.amp": "bf16", "run.channels_last": True}  # is bf16 accuracy-neutral on the study's rows? (part precision)
 N_RMN = {**RMN, "data.batch_size": 256, **NARROW}  # the narrow part's RMN, which the screen changes one thing of
 # The screen's four best changes together (each within seed noise of the others alone): N=4, only stages 3-4
@@ -116,8 +117,8 @@ ROWS = {
                        {**B256, "model.width_mult": WIDTH_AT_RMN_PARAMS}),
     "e40_baseline": Row("baseline (batch 256)", "paper", {**B256, **E40}),
     "e40_baseline_1024": Row("baseline (batch 1024)", "paper", {**B256, "data.batch_size": 1024, **E40}),
-    "e40_rmn_1024": Row("RMN N=8 without CA (batch 1024; paper-faithful)", "paper",
-                        {**RMN, "data.batch_size": 1024, **E40}, stem_from="e40_baseline_1024"),
+    "e40_rmn_1024": Row("RMN N=8 without CA (batch 1024; paper-faithful)", "paper", E40_RMN_1024,
+                        stem_from="e40_baseline_1024"),
     "e40_rmn_ca_1024": Row("RMN N=8 with CA (batch 1024; paper-faithful)", "paper",
                            {**RMN, "model.attention": "ca", "data.batch_size": 1024, **E40}),
     "e40_rmn_256": Row("RMN N=8 without CA (batch 256)", "paper", E40_RMN, stem_from="e40_baseline"),
@@ -139,7 +140,7 @@ ROWS = {
                               {**E40_RMN, "data.batch_size": 1024, **COMBO}, stem_from="e40_baseline_1024"),
     # what the late loss rise of e40_rmn_1024 seed 2 points to: memories that keep moving while the LR anneals
     "e40_rmn_1024_follow": Row("RMN at batch 1024 + memories follow the LR (each update x LR/peak)", "beyond",
-                               {**RMN, "data.batch_size": 1024, **E40, "model.memory_follows_lr": True},
+                               {**E40_RMN_1024, "model.memory_follows_lr": True},
                                main=False, stem_from="e40_baseline_1024"),
     # the control that could prove the combination wrong: the same four settings with a single procedure (no added
     # capacity, no routing choice); what is left of the combination's changes is a doubled learning rate for stages 3-4
