@@ -47,4 +47,4 @@ class ConditionalAttention(nn.Module):
         if self.num_routes > 0:
             z = torch.cat([z, self.route_code(routes, y.shape[0], y.device, z.dtype)], dim=1)
         s = torch.sigmoid(self.up(z))
-        return y * s[:, :, None, None]
+        return y * s.view(*s.shape, 1, 1)

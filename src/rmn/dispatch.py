@@ -88,7 +88,7 @@ def dispatch(x: torch.Tensor, routes: torch.Tensor, procedures: Sequence[nn.Modu
         if x.shape[0] == 0:
             return procedures[0](x)
         if x.shape[0] == 1:
-            return procedures[int(routes[0])](x)
+            return procedures[routes.item()](x)
     order, counts = group_by_route(routes, n)
     used = [j for j, c in enumerate(counts) if c > 0 or run_empty]
     if not used:  # an empty batch
