@@ -8,8 +8,10 @@ routes differ from image to image (the batch-1 loop cycles through that pool).
 Measurement: all variants of one backbone live in one process and are timed **interleaved**
 (round-robin, the starting variant rotating each round) after a warm-up, under
 ``torch.inference_mode``; each timed block runs ``inner`` forward passes of the same variant and
-records the mean time per pass; the statistic reported is the median over blocks. On CUDA every
-block is bracketed by ``torch.cuda.synchronize()``.
+records the mean time per pass; the statistic reported is the median over blocks, and beside it the
+*paired* ratio: the median over rounds of a variant's block time over the backbone's in the same round,
+which cancels the machine's slow and fast spells that both share. On CUDA every block is bracketed by
+``torch.cuda.synchronize()``.
 
 The ``backbone_copy`` variant is a control: a second copy of the backbone, timed like the others. Its
 ratio to the backbone would be 1 on a quiet, deterministic machine; how far it lands from 1 is the noise
@@ -136,6 +138,12 @@ def interleaved_times(
     return times
 
 
+def paired_ratios(variant: list[float], backbone: list[float]) -> list[float]:
+    """Round by round, the variant's time over the backbone's in the same round. Both ran within one round of
+    each other, so a slow spell of the machine (it moves a batch-1 time by 10-30% here) mostly cancels."""
+    return [v / b for v, b in zip(variant, backbone)]
+
+
 def _summary(ts: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
     return {"median": statistics.median(ts), "q1": q[0], "q3": q[2], "min": min(ts), "n": len(ts)}
@@ -205,6 +213,8 @@ def bench_backbone(
                 e = entry[f"batch{bs}"]
                 e["ratio"] = e["ms_per_batch"] / base["ms_per_batch"]
                 e["cpu_ratio"] = e["cpu_ms_per_batch"] / base["cpu_ms_per_batch"]
+                paired = _summary(paired_ratios(times[key], times["backbone"]))
+                e["paired_ratio"], e["paired_q1"], e["paired_q3"] = paired["median"], paired["q1"], paired["q3"]
         log("    " + "; ".join(f"{VARIANT_LABELS[k]} {e[f'batch{bs}']['ms_per_image']:.2f} ms/img"
                                 + (f" (x{e[f'batch{bs}']['ratio']:.3f}, cpu x{e[f'batch{bs}']['cpu_ratio']:.3f})"
                                    if "ratio" in e[f"batch{bs}"] else "")
@@ -289,7 +299,7 @@ def run_latency(
         "settings": {
             "image_size": image_size, "batch_sizes": list(batch_sizes), "repeats": rep, "inner": inn,
             "warmup_rounds": warmup, "num_procedures": num_procedures, "variants": list(variants),
-            "width_mult": width_mult, "calibration_pool": pool, "statistic": "median over interleaved rounds",
+            "width_mult": width_mult, "calibration_pool": pool, "statistic": "median over interleaved rounds; paired_ratio: median of per-round ratios",
             "wall_s": round(time.time() - t0, 1),
         },
         "results": results,
@@ -309,7 +319,7 @@ def format_latency(report: dict[str, Any]) -> str:
     bss = report["settings"]["batch_sizes"]
     header = ["model", "variant"]
     for bs in bss:
-        header += ([f"ms/img b{bs}", "ratio", "cpu ratio"] if bs == 1 else [f"img/s b{bs}", "ratio"])
+        header += ([f"ms/img b{bs}", "ratio", "cpu ratio", "paired (q1-q3)"] if bs == 1 else [f"img/s b{bs}", "ratio"])
     header += ["paper ms", "paper ratio", "target"]
     rows = []
     for res in report["results"]:
@@ -323,6 +333,8 @@ def format_latency(report: dict[str, Any]) -> str:
                         f"{e.get('ratio', float('nan')):.3f}"]
                 if bs == 1:
                     row.append(f"{e.get('cpu_ratio', float('nan')):.3f}")
+                    row.append(f"{e['paired_ratio']:.3f} ({e['paired_q1']:.3f}-{e['paired_q3']:.3f})"
+                               if "paired_ratio" in e else "")
             p = paper.get(key)
             row += [f"{p:.1f}" if p else "",
                     f"{p / paper['backbone']:.3f}" if p and paper.get("backbone") else "",
@@ -332,7 +344,8 @@ def format_latency(report: dict[str, Any]) -> str:
     fmt = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines += [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     lines.append("ratio = wall time per batch / backbone's (for throughput: backbone images/s over variant's); "
-                 "cpu ratio = the same with process CPU time (insensitive to waiting for a busy core).")
+                 "cpu ratio = the same with process CPU time (insensitive to waiting for a busy core); paired = "
+                 "median (quartiles) over rounds of the variant's time over the backbone's in the same round.")
     return "\n".join(lines)
 
 
