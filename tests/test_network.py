@@ -3,11 +3,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import rmn
 from rmn import clone_optimizer
+from rmn.attention import ConditionalAttention
 from tests.conftest import toy_backbone
 from rmn.route import is_routed, memory_banks, update_memories
 from rmn.training import scale_procedure_gradients
@@ -287,3 +289,20 @@ def test_users_own_cnn_with_example_input():
     net = rmn.route(mine, ["stages.0", "stages.1"], num_procedures=3, example_input=x)  # channels from one probe
     assert [b.dim for b in memory_banks(net)] == [4, 8]
     assert net(x).shape == (4, 3)
+
+
+def test_route_code_is_one_hot_and_its_kept_identity_serves_every_mode():
+    """The identity CA keeps for its route codes is made once per device and dtype, also when first needed in
+    inference mode, and then serves a training step with gradients (an inference tensor could not)."""
+    attn = ConditionalAttention(16, 4)
+    routes = torch.tensor([2, 0, 3, 3])
+    with torch.inference_mode():
+        code = attn.route_code(routes, 4, torch.device("cpu"), torch.float32)
+    assert torch.equal(code, F.one_hot(routes, 4).float())
+    assert not attn._identity("cpu", torch.float32).is_inference()
+    y = torch.randn(4, 16, 3, 3, requires_grad=True)
+    attn(y, routes).sum().backward()
+    assert y.grad is not None and attn.up.weight.grad is not None
+    assert torch.equal(attn.route_code(routes, 4, "cpu", torch.bfloat16), F.one_hot(routes, 4).bfloat16())
+    assert len(attn._eyes) == 2  # float32 and bfloat16
+    assert not any("eye" in k for k in attn.state_dict())  # not state: checkpoints are unchanged

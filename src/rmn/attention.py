@@ -27,6 +27,7 @@ class ConditionalAttention(nn.Module):
         self.reduction = reduction
         self.down = nn.Linear(channels, hidden)
         self.up = nn.Linear(hidden + num_routes, channels)
+        self._eyes: dict = {}  # route codes' identity matrix per (device, dtype); not state
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_routes={self.num_routes}, reduction={self.reduction}"
@@ -39,8 +40,17 @@ class ConditionalAttention(nn.Module):
             else:
                 return torch.full((batch, self.num_routes), 1.0 / self.num_routes, device=device, dtype=dtype)
         # rows of an identity matrix: what one_hot gives, without its range checks (two reductions and
-        # a host read per call, a measurable part of a batch-1 forward)
-        return torch.eye(self.num_routes, device=device, dtype=dtype)[routes]
+        # a host read per call), from an identity kept per device and dtype: at batch 1 each op saved counts
+        return self._identity(device, dtype).index_select(0, routes)
+
+    def _identity(self, device, dtype) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        eye = self._eyes.get(key)
+        if eye is None:
+            with torch.inference_mode(False):  # a plain tensor, usable outside inference mode later
+                eye = torch.eye(self.num_routes, device=key[0], dtype=dtype)
+            self._eyes[key] = eye
+        return eye
 
     def forward(self, y: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
         z = F.relu(self.down(y.mean(dim=(2, 3))))

@@ -41,9 +41,11 @@ from .precision import float32_only
 def stage_feature(x: torch.Tensor) -> torch.Tensor:
     """What a memory is compared with: the global-average-pooled stage input [B, C], accumulated and
     returned in float32 whatever the autocast dtype of ``x``. Never differentiated."""
+    if x.requires_grad:
+        x = x.detach()
     if x.dtype == torch.float32:  # the same values; asking for dtype= adds a copy (~60 us at batch 1 on a CPU)
-        return x.detach().mean(dim=(2, 3))
-    return torch.mean(x.detach(), dim=(2, 3), dtype=torch.float32)
+        return x.mean(dim=(2, 3))
+    return torch.mean(x, dim=(2, 3), dtype=torch.float32)
 
 
 @float32_only
@@ -51,12 +53,13 @@ def nearest(features: torch.Tensor, memories: torch.Tensor, sq_norms: torch.Tens
     """Index of the nearest memory (Euclidean) for each row of ``features`` [B, C], in float32
     whatever the autocast state (a bf16 distance would flip routes between close memories).
     ``sq_norms``: the memories' squared norms if already known (:func:`squared_norms`); the same values."""
-    f = features.float()
-    m = memories.float()
+    # every op skipped counts at batch 1, where each costs 10-40 us between convolutions (BENCHMARKS.md)
+    f = features if features.dtype == torch.float32 else features.float()
+    m = memories if memories.dtype == torch.float32 else memories.float()
     # ||f - m||^2 = ||f||^2 - 2 f.m + ||m||^2; ||f||^2 is constant per row and cannot change the argmin.
     sq = squared_norms(m) if sq_norms is None else sq_norms
     # one op for ``sq - 2 (f.m)``, with the same rounding (the factor 2 is exact): fewer calls at batch 1
-    d = torch.sub(sq, f @ m.t(), alpha=2.0)
+    d = torch.sub(sq, torch.mm(f, m.t()), alpha=2.0)
     return d.argmin(dim=1)
 
 
