@@ -10,7 +10,8 @@ are counted too (``getrusage``), to tell an allocator returning memory to the sy
     .venv/bin/python benchmarks/ops_in_context.py [--rounds 30]   # -> benchmarks/results/ops_in_context.json
     .venv/bin/python benchmarks/ops_in_context.py --quick         # smoke run: 3 rounds, writes nothing
 
-Ratios are process CPU time per image over the hook-free network's, medians of interleaved rounds of 5 passes.
+Ratios are process CPU time per image over the hook-free network's, medians of interleaved rounds of 5 passes;
+the paired ratio is the median over rounds of each round's ratio (``rmn.analysis.latency.paired_ratios``).
 """
 from __future__ import annotations
 
@@ -28,24 +29,46 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from results_file import write_results  # noqa: E402
-from rmn.analysis.latency import build_variants, varied_images  # noqa: E402
+from rmn.analysis.latency import build_variants, paired_ratios, varied_images  # noqa: E402
+from rmn.attention import ConditionalAttention  # noqa: E402
+from rmn.memory import nearest, stage_feature  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ops_in_context.json"
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def hooks(memories: dict[str, torch.Tensor]) -> dict:
-    """Per variant, the work done at each stage boundary (None: the plain network)."""
+OUT_CHANNELS = (64, 128, 256, 512)
+
+
+def hooks(memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAttention]) -> dict:
+    """Per variant, the work done at each stage boundary and on what: ``(fn(stage, tensor), "input" | "output")``
+    (None: the plain network). The route and the attention are rmn's own code, as a routed stage runs it."""
     sq = {n: m.pow(2).sum(1) for n, m in memories.items()}
+    route = {n: torch.zeros(1, dtype=torch.long) for n in memories}
     return {
         "plain": None,
-        "one tiny op (||m||^2 + 1)": lambda n, x: sq[n] + 1,
-        "argmin + host read": lambda n, x: int(sq[n].argmin()),
-        "GAP": lambda n, x: x.mean((2, 3)),
-        "GAP + distance": lambda n, x: sq[n] - 2.0 * (x.mean((2, 3)) @ memories[n].t()),
+        "one tiny op (||m||^2 + 1)": (lambda n, x: sq[n] + 1, "input"),
+        "argmin + host read": (lambda n, x: int(sq[n].argmin()), "input"),
+        "GAP": (lambda n, x: x.mean((2, 3)), "input"),
+        "GAP + distance": (lambda n, x: sq[n] - 2.0 * (x.mean((2, 3)) @ memories[n].t()), "input"),
         "GAP + distance + argmin + host read (a route)":
-            lambda n, x: int((sq[n] - 2.0 * (x.mean((2, 3)) @ memories[n].t())).argmin()),
+            (lambda n, x: int((sq[n] - 2.0 * (x.mean((2, 3)) @ memories[n].t())).argmin()), "input"),
+        "rmn's route (stage_feature, nearest, host read)":
+            (lambda n, x: nearest(stage_feature(x), memories[n], sq[n]).item(), "input"),
+        "rmn's Conditional Attention on the stage output": (lambda n, y: attention[n](y, route[n]), "output"),
     }
+
+
+def alone_us(fn, tensors: dict[str, torch.Tensor], reps: int = 300) -> float:
+    """``fn`` on the four stages' real tensors in a hot loop: microseconds per stage, best of 5."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(reps):
+            for n, t in tensors.items():
+                fn(n, t)
+        best = min(best, (time.process_time() - start) / (reps * len(tensors)))
+    return 1e6 * best
 
 
 def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
@@ -53,12 +76,28 @@ def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
     pool = varied_images(64, image_size)
     plain = build_variants("resnet18", image_size, variants=("backbone",))["backbone"]
     memories = {n: torch.randn(8, c) for n, c in zip(STAGES, (64, 64, 128, 256))}
-    models = {}
-    for key, fn in hooks(memories).items():
+    attention = {n: ConditionalAttention(c, 8).eval() for n, c in zip(STAGES, OUT_CHANNELS)}
+    variants = hooks(memories, attention)
+    seen: dict[str, dict[str, torch.Tensor]] = {"input": {}, "output": {}}
+    grab = [getattr(plain, n).register_forward_hook(
+        lambda mod, args, out, n=n: seen["input"].update({n: args[0]}) or seen["output"].update({n: out}))
+        for n in STAGES]
+    with torch.inference_mode():
+        plain(pool[:1])
+    for h in grab:
+        h.remove()
+    models, alone = {}, {}
+    for key, spec in variants.items():
         m = copy.deepcopy(plain)  # every variant its own copy, allocated the same way
-        if fn is not None:
+        if spec is not None:
+            fn, on = spec
+            with torch.inference_mode():
+                alone[key] = alone_us(fn, seen[on])
             for n in STAGES:
-                getattr(m, n).register_forward_pre_hook(lambda mod, args, n=n, fn=fn: (fn(n, args[0]), None)[1])
+                if on == "input":
+                    getattr(m, n).register_forward_pre_hook(lambda mod, args, n=n, fn=fn: (fn(n, args[0]), None)[1])
+                else:
+                    getattr(m, n).register_forward_hook(lambda mod, args, out, n=n, fn=fn: (fn(n, out), None)[1])
         models[key] = m
     times: dict[str, list[float]] = {k: [] for k in models}
     faults: dict[str, int] = {k: 0 for k in models}
@@ -78,7 +117,10 @@ def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
                 faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt
     base = statistics.median(times["plain"])
     return {key: {"cpu_ms_per_image": 1e3 * statistics.median(t), "ratio": statistics.median(t) / base,
+                  "paired_ratio": statistics.median(paired_ratios(t, times["plain"])),
                   "per_stage_us": 1e6 * (statistics.median(t) - base) / len(STAGES),
+                  "paired_per_stage_us": 1e6 * base * (statistics.median(paired_ratios(t, times["plain"])) - 1) / len(STAGES),
+                  "alone_us_per_stage": alone.get(key, 0.0),
                   "page_faults_per_image": faults[key] / (rounds * passes)}
             for key, t in times.items()}
 
@@ -94,7 +136,8 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     rows = measure(rounds, image_size=64 if args.quick else 224)
     for key, row in rows.items():
-        print(f"{key:48s} {row['cpu_ms_per_image']:7.2f} ms  x{row['ratio']:.3f}  {row['per_stage_us']:+7.0f} us per stage"
+        print(f"{key:48s} {row['cpu_ms_per_image']:7.2f} ms  x{row['ratio']:.3f} (paired x{row['paired_ratio']:.3f})"
+              f"  {row['paired_per_stage_us']:+7.0f} us per stage (alone {row['alone_us_per_stage']:5.1f})"
               f"  {row['page_faults_per_image']:5.1f} page faults per image")
     report = {"benchmark": "ops_in_context", "rows": rows, "threads": args.threads, "rounds": rounds,
               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
