@@ -1,11 +1,13 @@
 """What routing's small ops cost *between* the convolutions of a real network, at batch 1.
 
 A routed stage adds a few small ops before its procedure: the stage input's GAP, the distance to N memories, an
-argmin and a host read of the route. Alone, in a loop, they take a few microseconds each. This benchmark puts them
-(as forward pre-hooks, computed and thrown away) at the four stage boundaries of the *plain* ResNet-18 at 224x224
-and times the network against itself without hooks, interleaved: what remains is the cost of those ops in
-context, with no routing, no procedure copies and no weights changing between calls. Minor page faults per image
-are counted too (``getrusage``), to tell an allocator returning memory to the system from the ops themselves.
+argmin and a host read of the route; with Conditional Attention, an SE block after it. Alone, in a loop, they take
+a few microseconds each. This benchmark puts them (as forward hooks, computed and thrown away; rmn's own route and
+CA among them) at the four stage boundaries of the *plain* ResNet-18 at 224x224 and times the network against
+itself without hooks, interleaved: what remains is the cost of those ops in context, with no routing, no procedure
+copies and no weights changing between calls. Each hook is also timed alone, in a hot loop on the tensors it sees
+in the network. Minor page faults per image are counted too (``getrusage``), to tell an allocator returning
+memory to the system from the ops themselves.
 
     .venv/bin/python benchmarks/ops_in_context.py [--rounds 30]   # -> benchmarks/results/ops_in_context.json
     .venv/bin/python benchmarks/ops_in_context.py --quick         # smoke run: 3 rounds, writes nothing
@@ -28,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # results_file, when imported rather than run
 from results_file import write_results  # noqa: E402
 from rmn.analysis.latency import build_variants, paired_ratios, varied_images  # noqa: E402
 from rmn.attention import ConditionalAttention  # noqa: E402
@@ -35,9 +38,7 @@ from rmn.memory import nearest, stage_feature  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ops_in_context.json"
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-OUT_CHANNELS = (64, 128, 256, 512)
+IN_CHANNELS, OUT_CHANNELS = (64, 64, 128, 256), (64, 128, 256, 512)  # ResNet-18's stages
 
 
 def hooks(memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAttention]) -> dict:
@@ -71,11 +72,9 @@ def alone_us(fn, tensors: dict[str, torch.Tensor], reps: int = 300) -> float:
     return 1e6 * best
 
 
-def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
-    torch.manual_seed(0)
-    pool = varied_images(64, image_size)
-    plain = build_variants("resnet18", image_size, variants=("backbone",))["backbone"]
-    memories = {n: torch.randn(8, c) for n, c in zip(STAGES, (64, 64, 128, 256))}
+def hooked_models(plain: torch.nn.Module, example: torch.Tensor) -> tuple[dict, dict]:
+    """Per variant, a copy of ``plain`` with that variant's hooks, and the hook's cost alone (us per stage)."""
+    memories = {n: torch.randn(8, c) for n, c in zip(STAGES, IN_CHANNELS)}
     attention = {n: ConditionalAttention(c, 8).eval() for n, c in zip(STAGES, OUT_CHANNELS)}
     variants = hooks(memories, attention)
     seen: dict[str, dict[str, torch.Tensor]] = {"input": {}, "output": {}}
@@ -83,7 +82,7 @@ def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
         lambda mod, args, out, n=n: seen["input"].update({n: args[0]}) or seen["output"].update({n: out}))
         for n in STAGES]
     with torch.inference_mode():
-        plain(pool[:1])
+        plain(example)
     for h in grab:
         h.remove()
     models, alone = {}, {}
@@ -99,6 +98,14 @@ def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
                 else:
                     getattr(m, n).register_forward_hook(lambda mod, args, out, n=n, fn=fn: (fn(n, out), None)[1])
         models[key] = m
+    return models, alone
+
+
+def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
+    torch.manual_seed(0)
+    pool = varied_images(64, image_size)
+    plain = build_variants("resnet18", image_size, variants=("backbone",))["backbone"]
+    models, alone = hooked_models(plain, pool[:1])
     times: dict[str, list[float]] = {k: [] for k in models}
     faults: dict[str, int] = {k: 0 for k in models}
     with torch.inference_mode():
@@ -116,10 +123,11 @@ def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
                 times[key].append((time.process_time() - start) / passes)
                 faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt
     base = statistics.median(times["plain"])
+    paired = {key: statistics.median(paired_ratios(t, times["plain"])) for key, t in times.items()}
     return {key: {"cpu_ms_per_image": 1e3 * statistics.median(t), "ratio": statistics.median(t) / base,
-                  "paired_ratio": statistics.median(paired_ratios(t, times["plain"])),
+                  "paired_ratio": paired[key],
                   "per_stage_us": 1e6 * (statistics.median(t) - base) / len(STAGES),
-                  "paired_per_stage_us": 1e6 * base * (statistics.median(paired_ratios(t, times["plain"])) - 1) / len(STAGES),
+                  "paired_per_stage_us": 1e6 * base * (paired[key] - 1) / len(STAGES),
                   "alone_us_per_stage": alone.get(key, 0.0),
                   "page_faults_per_image": faults[key] / (rounds * passes)}
             for key, t in times.items()}

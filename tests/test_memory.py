@@ -16,7 +16,6 @@ def test_nearest_matches_brute_force():
         assert torch.equal(nearest(f, m), brute_nearest(f, m))
 
 
-
 def test_nearest_rounds_as_the_two_step_distance():
     """nearest's one-op ``sq - 2 f.m`` picks exactly what the written-out formula picks, ties included, at
     every scale and at the ResNet and EfficientNet stage widths (routes of earlier runs must not change)."""
@@ -27,6 +26,7 @@ def test_nearest_rounds_as_the_two_step_distance():
             m[n - 1] = m[0]  # an exact tie: the lower index wins in both
             reference = (m.pow(2).sum(1).unsqueeze(0) - 2.0 * (f @ m.t())).argmin(dim=1)
             assert torch.equal(nearest(f, m), reference)
+
 
 def test_ema_update_matches_formula_and_leaves_others_untouched():
     bank = MemoryBank(4, 3, momentum=0.9)
