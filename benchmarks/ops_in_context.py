@@ -11,6 +11,11 @@ memory to the system from the ops themselves.
 
     .venv/bin/python benchmarks/ops_in_context.py [--rounds 30]   # -> benchmarks/results/ops_in_context.json
     .venv/bin/python benchmarks/ops_in_context.py --quick         # smoke run: 3 rounds, writes nothing
+    .venv/bin/python benchmarks/ops_in_context.py --fused         # also the C++ experiment -> ops_in_context_fused.json
+
+``--fused`` adds an experiment that is not part of rmn: the route and CA each as one C++ call
+(``benchmarks/fused_ops.cpp``, compiled on first use by ``torch.utils.cpp_extension``; needs ``pip install ninja``
+and a C++ compiler). Before timing it checks both against rmn's own ops on the network's real stage tensors.
 
 Ratios are process CPU time per image over the hook-free network's, medians of interleaved rounds of 5 passes;
 the paired ratio is the median over rounds of each round's ratio (``rmn.analysis.latency.paired_ratios``).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import resource
 import statistics
@@ -37,6 +43,7 @@ from rmn.attention import ConditionalAttention  # noqa: E402
 from rmn.memory import nearest, stage_feature  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ops_in_context.json"
+RESULTS_FUSED = ROOT / "benchmarks" / "results" / "ops_in_context_fused.json"
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 IN_CHANNELS, OUT_CHANNELS = (64, 64, 128, 256), (64, 128, 256, 512)  # ResNet-18's stages
 
@@ -60,6 +67,44 @@ def hooks(memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAtt
     }
 
 
+def fused_hooks(ext, memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAttention]) -> dict:
+    """The C++ experiment's two variants, in :func:`hooks`' form."""
+    sq = {n: m.pow(2).sum(1) for n, m in memories.items()}
+    return {
+        "fused C++ route (experiment)": (lambda n, x: ext.fused_route(x, memories[n], sq[n]), "input"),
+        "fused C++ Conditional Attention (experiment)":
+            (lambda n, y: ext.fused_ca(y, attention[n].down.weight, attention[n].down.bias, attention[n].up.weight,
+                                       attention[n].up.bias, 0), "output"),
+    }
+
+
+def build_fused():
+    """Compile benchmarks/fused_ops.cpp (cached by torch after the first build)."""
+    from torch.utils.cpp_extension import load
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        raise SystemExit("ops_in_context.py --fused needs ninja to build its C++ experiment: pip install ninja")
+    bin_dir = str(Path(sys.executable).parent)  # the ninja executable of this environment
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    return load("rmn_fused_ops_experiment", [str(ROOT / "benchmarks" / "fused_ops.cpp")],
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+
+
+def check_fused(ext, variants: dict, seen: dict) -> None:
+    """The experiment computes what rmn computes: the same route, CA outputs equal to float tolerance."""
+    rmn_route = variants["rmn's route (stage_feature, nearest, host read)"][0]
+    rmn_ca = variants["rmn's Conditional Attention on the stage output"][0]
+    fused_route = variants["fused C++ route (experiment)"][0]
+    fused_ca = variants["fused C++ Conditional Attention (experiment)"][0]
+    with torch.inference_mode():
+        for n in STAGES:
+            if fused_route(n, seen["input"][n]) != rmn_route(n, seen["input"][n]):
+                raise SystemExit(f"fused route differs from rmn's at {n}")
+            torch.testing.assert_close(fused_ca(n, seen["output"][n]), rmn_ca(n, seen["output"][n]),
+                                       rtol=1e-5, atol=1e-5)
+
+
 def alone_us(fn, tensors: dict[str, torch.Tensor], reps: int = 300) -> float:
     """``fn`` on the four stages' real tensors in a hot loop: microseconds per stage, best of 5."""
     best = float("inf")
@@ -72,11 +117,14 @@ def alone_us(fn, tensors: dict[str, torch.Tensor], reps: int = 300) -> float:
     return 1e6 * best
 
 
-def hooked_models(plain: torch.nn.Module, example: torch.Tensor) -> tuple[dict, dict]:
-    """Per variant, a copy of ``plain`` with that variant's hooks, and the hook's cost alone (us per stage)."""
+def hooked_models(plain: torch.nn.Module, example: torch.Tensor, fused=None) -> tuple[dict, dict]:
+    """Per variant, a copy of ``plain`` with that variant's hooks, and the hook's cost alone (us per stage).
+    ``fused``: the compiled C++ experiment (:func:`build_fused`), whose two variants are added and checked."""
     memories = {n: torch.randn(8, c) for n, c in zip(STAGES, IN_CHANNELS)}
     attention = {n: ConditionalAttention(c, 8).eval() for n, c in zip(STAGES, OUT_CHANNELS)}
     variants = hooks(memories, attention)
+    if fused is not None:
+        variants.update(fused_hooks(fused, memories, attention))
     seen: dict[str, dict[str, torch.Tensor]] = {"input": {}, "output": {}}
     grab = [getattr(plain, n).register_forward_hook(
         lambda mod, args, out, n=n: seen["input"].update({n: args[0]}) or seen["output"].update({n: out}))
@@ -85,6 +133,8 @@ def hooked_models(plain: torch.nn.Module, example: torch.Tensor) -> tuple[dict, 
         plain(example)
     for h in grab:
         h.remove()
+    if fused is not None:
+        check_fused(fused, variants, seen)
     models, alone = {}, {}
     for key, spec in variants.items():
         m = copy.deepcopy(plain)  # every variant its own copy, allocated the same way
@@ -101,11 +151,11 @@ def hooked_models(plain: torch.nn.Module, example: torch.Tensor) -> tuple[dict, 
     return models, alone
 
 
-def measure(rounds: int, passes: int = 5, image_size: int = 224) -> dict:
+def measure(rounds: int, passes: int = 5, image_size: int = 224, fused=None) -> dict:
     torch.manual_seed(0)
     pool = varied_images(64, image_size)
     plain = build_variants("resnet18", image_size, variants=("backbone",))["backbone"]
-    models, alone = hooked_models(plain, pool[:1])
+    models, alone = hooked_models(plain, pool[:1], fused)
     times: dict[str, list[float]] = {k: [] for k in models}
     faults: dict[str, int] = {k: 0 for k in models}
     with torch.inference_mode():
@@ -138,18 +188,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="3 rounds at 64x64, writes nothing")
-    ap.add_argument("--out", help="results file (default: benchmarks/results/ops_in_context.json)")
+    ap.add_argument("--out", help="results file (default: benchmarks/results/ops_in_context.json, or "
+                                  "ops_in_context_fused.json with --fused)")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time the C++ experiment (benchmarks/fused_ops.cpp; needs ninja and a C++ compiler)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
-    rows = measure(rounds, image_size=64 if args.quick else 224)
+    fused = build_fused() if args.fused else None
+    rows = measure(rounds, image_size=64 if args.quick else 224, fused=fused)
     for key, row in rows.items():
         print(f"{key:48s} {row['cpu_ms_per_image']:7.2f} ms  x{row['ratio']:.3f} (paired x{row['paired_ratio']:.3f})"
               f"  {row['paired_per_stage_us']:+7.0f} us per stage (alone {row['alone_us_per_stage']:5.1f})"
               f"  {row['page_faults_per_image']:5.1f} page faults per image")
     report = {"benchmark": "ops_in_context", "rows": rows, "threads": args.threads, "rounds": rounds,
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
-    path = write_results(report, args.out, args.quick, RESULTS)
+              "fused_experiment": args.fused, "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__}
+    path = write_results(report, args.out, args.quick, RESULTS_FUSED if args.fused else RESULTS)
     if path:
         print(f"wrote {path}")
 
