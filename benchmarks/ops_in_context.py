@@ -11,11 +11,11 @@ memory to the system from the ops themselves.
 
     .venv/bin/python benchmarks/ops_in_context.py [--rounds 30]   # -> benchmarks/results/ops_in_context.json
     .venv/bin/python benchmarks/ops_in_context.py --quick         # smoke run: 3 rounds, writes nothing
-    .venv/bin/python benchmarks/ops_in_context.py --fused         # also the C++ experiment -> ops_in_context_fused.json
+    .venv/bin/python benchmarks/ops_in_context.py --fused         # also rmn.fused's ops -> ops_in_context_fused.json
 
-``--fused`` adds an experiment that is not part of rmn: the route and CA each as one C++ call
-(``benchmarks/fused_ops.cpp``, compiled on first use by ``torch.utils.cpp_extension``; needs ``pip install ninja``
-and a C++ compiler). Before timing it checks both against rmn's own ops on the network's real stage tensors.
+``--fused`` adds rmn's fused batch-1 ops (:mod:`rmn.fused`, ``src/rmn/csrc/stage_ops.cpp``): the route and CA
+each as one C++ call, built on first use (needs ``pip install ninja`` and a C++ compiler). Before timing it checks
+both against rmn's reference ops on the network's real stage tensors.
 
 Ratios are process CPU time per image over the hook-free network's, medians of interleaved rounds of 5 passes;
 the paired ratio is the median over rounds of each round's ratio (``rmn.analysis.latency.paired_ratios``).
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import platform
 import resource
 import statistics
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # results_file, when imported rather than run
 from results_file import write_results  # noqa: E402
 from rmn.analysis.latency import build_variants, paired_ratios, varied_images  # noqa: E402
+from rmn import fused as rmn_fused  # noqa: E402
 from rmn.attention import ConditionalAttention  # noqa: E402
 from rmn.memory import nearest, stage_feature  # noqa: E402
 
@@ -68,35 +68,31 @@ def hooks(memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAtt
 
 
 def fused_hooks(ext, memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAttention]) -> dict:
-    """The C++ experiment's two variants, in :func:`hooks`' form."""
+    """rmn's fused ops as two variants, in :func:`hooks`' form."""
     sq = {n: m.pow(2).sum(1) for n, m in memories.items()}
     return {
-        "fused C++ route (experiment)": (lambda n, x: ext.fused_route(x, memories[n], sq[n]), "input"),
-        "fused C++ Conditional Attention (experiment)":
+        "fused route (rmn.fused)": (lambda n, x: ext.fused_route(x, memories[n], sq[n]), "input"),
+        "fused Conditional Attention (rmn.fused)":
             (lambda n, y: ext.fused_ca(y, attention[n].down.weight, attention[n].down.bias, attention[n].up.weight,
                                        attention[n].up.bias, 0), "output"),
     }
 
 
 def build_fused():
-    """Compile benchmarks/fused_ops.cpp (cached by torch after the first build)."""
-    from torch.utils.cpp_extension import load
-    try:
-        import ninja  # noqa: F401
-    except ImportError:
-        raise SystemExit("ops_in_context.py --fused needs ninja to build its C++ experiment: pip install ninja")
-    bin_dir = str(Path(sys.executable).parent)  # the ninja executable of this environment
-    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    return load("rmn_fused_ops_experiment", [str(ROOT / "benchmarks" / "fused_ops.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+    """rmn's compiled batch-1 ops (:mod:`rmn.fused`), or a one-line exit saying why they cannot be built."""
+    ext = rmn_fused.load()
+    if ext is None:
+        raise SystemExit(f"ops_in_context.py --fused: rmn's fused ops could not be built ({rmn_fused.build_error()}); "
+                         "pip install ninja")
+    return ext
 
 
 def check_fused(ext, variants: dict, seen: dict) -> None:
-    """The experiment computes what rmn computes: the same route, CA outputs equal to float tolerance."""
+    """The fused ops compute what the reference ops compute: the same route, CA outputs equal to float tolerance."""
     rmn_route = variants["rmn's route (stage_feature, nearest, host read)"][0]
     rmn_ca = variants["rmn's Conditional Attention on the stage output"][0]
-    fused_route = variants["fused C++ route (experiment)"][0]
-    fused_ca = variants["fused C++ Conditional Attention (experiment)"][0]
+    fused_route = variants["fused route (rmn.fused)"][0]
+    fused_ca = variants["fused Conditional Attention (rmn.fused)"][0]
     with torch.inference_mode():
         for n in STAGES:
             if fused_route(n, seen["input"][n]) != rmn_route(n, seen["input"][n]):
@@ -119,7 +115,7 @@ def alone_us(fn, tensors: dict[str, torch.Tensor], reps: int = 300) -> float:
 
 def hooked_models(plain: torch.nn.Module, example: torch.Tensor, fused=None) -> tuple[dict, dict]:
     """Per variant, a copy of ``plain`` with that variant's hooks, and the hook's cost alone (us per stage).
-    ``fused``: the compiled C++ experiment (:func:`build_fused`), whose two variants are added and checked."""
+    ``fused``: rmn's compiled ops (:func:`build_fused`), whose two variants are added and checked."""
     memories = {n: torch.randn(8, c) for n, c in zip(STAGES, IN_CHANNELS)}
     attention = {n: ConditionalAttention(c, 8).eval() for n, c in zip(STAGES, OUT_CHANNELS)}
     variants = hooks(memories, attention)
@@ -191,7 +187,7 @@ def main() -> None:
     ap.add_argument("--out", help="results file (default: benchmarks/results/ops_in_context.json, or "
                                   "ops_in_context_fused.json with --fused)")
     ap.add_argument("--fused", action="store_true",
-                    help="also time the C++ experiment (benchmarks/fused_ops.cpp; needs ninja and a C++ compiler)")
+                    help="also time rmn's fused batch-1 ops (rmn.fused; needs ninja and a C++ compiler)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
@@ -202,7 +198,7 @@ def main() -> None:
               f"  {row['paired_per_stage_us']:+7.0f} us per stage (alone {row['alone_us_per_stage']:5.1f})"
               f"  {row['page_faults_per_image']:5.1f} page faults per image")
     report = {"benchmark": "ops_in_context", "rows": rows, "threads": args.threads, "rounds": rounds,
-              "fused_experiment": args.fused, "cpu": platform.processor() or platform.machine(),
+              "fused": args.fused, "cpu": platform.processor() or platform.machine(),
               "torch": torch.__version__}
     path = write_results(report, args.out, args.quick, RESULTS_FUSED if args.fused else RESULTS)
     if path:

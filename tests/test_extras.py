@@ -148,11 +148,12 @@ def test_the_core_dependencies_are_exactly_five_and_the_extras_cover_the_rest():
     core = _toml_list(text, "dependencies")
     assert {name.match(d).group(0).lower() for d in core} == CORE and len(core) == 5
     extras = {k: {name.match(d).group(0).lower() for d in _toml_list(text, k)}
-              for k in ("plots", "tensorboard", "digits", "images", "all", "dev")}
+              for k in ("plots", "tensorboard", "digits", "images", "fused", "all", "dev")}
     assert extras["plots"] == {"matplotlib", "pillow"}
     assert extras["tensorboard"] == {"tensorboard"}
     assert extras["digits"] == {"scikit-learn"}
     assert extras["images"] == {"pillow"}
-    assert _toml_list(text, "all") == ["rmn[plots,tensorboard,digits,images]"]
+    assert extras["fused"] == {"ninja"}
+    assert _toml_list(text, "all") == ["rmn[plots,tensorboard,digits,images,fused]"]
     makefile = (ROOT / "Makefile").read_text()
     assert '-e ".[all,dev]"' in makefile and "torch==2.13.0" in makefile

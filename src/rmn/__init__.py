@@ -4,6 +4,7 @@ from .attention import ConditionalAttention
 from .backbones import Backbone, create_backbone, list_backbones, register_backbone
 from .dispatch import dispatch
 from .features import MemoryInit, init_memories
+from .fused import fuse_for_inference
 from .kmeans import KMeansResult, kmeans
 from .memory import MemoryBank
 from .pooled_bn import set_procedure_batchnorm
@@ -22,6 +23,7 @@ __all__ = [
     "clone_optimizer",
     "create_backbone",
     "dispatch",
+    "fuse_for_inference",
     "KMeansResult",
     "MemoryInit",
     "init_memories",

@@ -7,6 +7,7 @@ tensors and the CIFAR / (Fashion-)MNIST releases. Everything else is an extra of
     tensorboard  tensorboard          TensorBoard logs (run.tensorboard)
     digits       scikit-learn         the embedded digits dataset (the demo's)
     images       Pillow               image-file datasets: folder, Tiny ImageNet, ImageNet
+    fused        ninja                rmn.fuse_for_inference's C++ batch-1 ops (with a C++ compiler)
     all          all of the above
 
 >>> plt = require("matplotlib.pyplot", extra="plots", feature="the memory atlas")  # doctest: +SKIP

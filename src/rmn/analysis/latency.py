@@ -35,12 +35,14 @@ import torch
 from torch import nn
 
 from ..backbones import create_backbone
+from ..fused import fuse_for_inference
 from ..route import has_routing, route
 from .calibrate import calibrate_memories, measure_route_counts
 from .cost import pretty_name, write_report
 
 VARIANT_LABELS = {"backbone": "backbone", "backbone_copy": "backbone, 2nd copy (control)", "rmn": "RMN without CA",
-                  "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE", "rmn_one": "RMN w/o CA, 1 route"}
+                  "rmn_ca": "RMN with CA", "rmn_se": "RMN + SE", "rmn_one": "RMN w/o CA, 1 route",
+                  "rmn_fused": "RMN without CA, fused ops", "rmn_ca_fused": "RMN with CA, fused ops"}
 DEFAULT_MODELS = ("resnet18", "resnet50", "efficientnet_b0")
 # The paper's supplementary table (CPU, ms per 224x224 image) and the project's targets for the overhead.
 PAPER_MS = {
@@ -84,13 +86,16 @@ def build_variants(
             model = bb
         elif key == "backbone_copy":  # the control: same network, its own weights in memory
             model = copy.deepcopy(bb)
-        elif key in ("rmn", "rmn_ca", "rmn_se", "rmn_one"):
-            attention = {"rmn": False, "rmn_ca": True, "rmn_se": "se", "rmn_one": False}[key]
+        elif key in ("rmn", "rmn_ca", "rmn_se", "rmn_one", "rmn_fused", "rmn_ca_fused"):
+            attention = {"rmn": False, "rmn_ca": True, "rmn_se": "se", "rmn_one": False, "rmn_fused": False,
+                         "rmn_ca_fused": True}[key]
             model = route(bb, None, num_procedures, attention, attention_init="random").eval()
             # "rmn_one" keeps its all-zero memories: every image ties and takes procedure 0, which
             # isolates the routing work from the cost of touching N different weight copies.
             if calibration is not None and key != "rmn_one":
                 calibrate_memories(model, calibration, method="kmeans", seed=seed)
+            if key.endswith("_fused"):  # rmn.fused's compiled batch-1 ops (needs ninja and a C++ compiler)
+                fuse_for_inference(model)
         else:
             raise ValueError(f"unknown variant {key!r}: choose from {sorted(VARIANT_LABELS)}")
         out[key] = model.to(device).eval()

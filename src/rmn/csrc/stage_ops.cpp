@@ -1,6 +1,6 @@
-// An experiment for benchmarks/ops_in_context.py --fused, not part of rmn: a routed stage's batch-1 route and its
-// Conditional Attention, each as one C++ call, to measure what fusing their small ops would save between
-// convolutions. CPU, float32, contiguous [1, C, H, W] only; the benchmark checks both against rmn's own ops.
+// rmn's fused batch-1 inference ops (rmn.fused): a routed stage's route and its Conditional Attention, each as one
+// C++ call. Between convolutions each small torch op costs 5-10x what it costs alone (BENCHMARKS.md), so at batch 1
+// these two calls replace about twenty. CPU, float32, contiguous [1, C, H, W] only; rmn.fused checks the rest.
 // The sums are vectorised (omp simd reductions), so they round differently from torch's: close, not bit-equal.
 #include <torch/extension.h>
 
