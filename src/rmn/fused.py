@@ -53,15 +53,21 @@ def fuse_for_inference(model: nn.Module, on: bool = True) -> nn.Module:
     the reference ops). Returns ``model``. Raises RuntimeError in one line if the ops cannot be built here."""
     from .route import routed_stages
 
-    ext = None
     if on:
-        ext = load()
-        if ext is None:
-            raise RuntimeError(f"rmn's fused inference ops could not be built here ({build_error()}); "
-                               "they need `pip install 'rmn[fused]'` (ninja) and a C++ compiler with Python's headers")
+        ops()
     for stage in routed_stages(model):
-        stage.fused = ext
+        stage.fused = bool(on)  # a flag, not the module: the model still deep-copies and pickles
     return model
+
+
+def ops():
+    """The compiled ops (built on first use, also in a process that unpickled a fused model), or RuntimeError in one
+    line saying why they cannot be built here."""
+    ext = _built.get("ext") or load()
+    if ext is None:
+        raise RuntimeError(f"rmn's fused inference ops could not be built here ({build_error()}); "
+                           "they need `pip install 'rmn[fused]'` (ninja) and a C++ compiler with Python's headers")
+    return ext
 
 
 def applies(x: torch.Tensor, training: bool) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import ConditionalAttention
 from .dispatch import dispatch
-from .fused import applies
+from .fused import applies, ops
 from .memory import MemoryBank, stage_feature
 
 
@@ -48,8 +48,8 @@ class RoutedStage(nn.Module):
         self.lockstep = None
         # Set by a feature pass (rmn.features.walk_stages) for one forward: the path to run and its routes.
         self.walk: tuple[str, torch.Tensor | None] | None = None
-        # The compiled batch-1 inference ops, set by rmn.fuse_for_inference (None: the reference ops only).
-        self.fused = None
+        # Batch-1 inference through the compiled ops (rmn.fuse_for_inference); False: the reference ops only.
+        self.fused = False
 
     @property
     def routed(self) -> bool:
@@ -62,7 +62,7 @@ class RoutedStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.walk is not None and self.walk[0] != "routed":
             return self._forward_plain(x, self.walk[1])
-        if self.fused is not None and self.memory is not None and self.walk is None and applies(x, self.training):
+        if self.fused and self.memory is not None and self.walk is None and applies(x, self.training):
             return self._forward_fused(x)
         if self.memory is not None:
             routes = self.memory.route(stage_feature(x))
@@ -88,8 +88,8 @@ class RoutedStage(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Batch-1 inference with the compiled ops (:mod:`rmn.fused`): one call routes, one call applies CA."""
-        memory = self.memory
-        route = self.fused.fused_route(x, memory.memories, memory.squared_norms())
+        memory, ext = self.memory, ops()
+        route = ext.fused_route(x, memory.memories, memory.squared_norms())
         y = self.procedures[route](x)
         self.last_routes = torch.tensor([route], device=x.device)
         attn = self.attention
@@ -97,7 +97,7 @@ class RoutedStage(nn.Module):
             return y
         if attn.num_routes == 0 or not y.is_contiguous() or y.dtype != torch.float32:
             return attn(y, self.last_routes)
-        return self.fused.fused_ca(y, attn.down.weight, attn.down.bias, attn.up.weight, attn.up.bias, route)
+        return ext.fused_ca(y, attn.down.weight, attn.down.bias, attn.up.weight, attn.up.bias, route)
 
     def _forward_plain(self, x: torch.Tensor, routes: torch.Tensor | None) -> torch.Tensor:
         """Procedure 0 for every sample, the attention fed ``routes`` (None: not routed yet): the plain
