@@ -40,7 +40,7 @@ from results_file import write_results  # noqa: E402
 from rmn.analysis.latency import build_variants, paired_ratios, varied_images  # noqa: E402
 from rmn import fused as rmn_fused  # noqa: E402
 from rmn.attention import ConditionalAttention  # noqa: E402
-from rmn.memory import nearest, stage_feature  # noqa: E402
+from rmn.memory import nearest, squared_norms, stage_feature  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "ops_in_context.json"
 RESULTS_FUSED = ROOT / "benchmarks" / "results" / "ops_in_context_fused.json"
@@ -51,7 +51,7 @@ IN_CHANNELS, OUT_CHANNELS = (64, 64, 128, 256), (64, 128, 256, 512)  # ResNet-18
 def hooks(memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAttention]) -> dict:
     """Per variant, the work done at each stage boundary and on what: ``(fn(stage, tensor), "input" | "output")``
     (None: the plain network). The route and the attention are rmn's own code, as a routed stage runs it."""
-    sq = {n: m.pow(2).sum(1) for n, m in memories.items()}
+    sq = {n: squared_norms(m) for n, m in memories.items()}
     route = {n: torch.zeros(1, dtype=torch.long) for n in memories}
     return {
         "plain": None,
@@ -68,8 +68,8 @@ def hooks(memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAtt
 
 
 def fused_hooks(ext, memories: dict[str, torch.Tensor], attention: dict[str, ConditionalAttention]) -> dict:
-    """rmn's fused ops as two variants, in :func:`hooks`' form."""
-    sq = {n: m.pow(2).sum(1) for n, m in memories.items()}
+    """rmn's fused ops as two variants, in :func:`hooks`' form (with the same squared norms as rmn's route)."""
+    sq = {n: squared_norms(m) for n, m in memories.items()}
     return {
         "fused route (rmn.fused)": (lambda n, x: ext.fused_route(x, memories[n], sq[n]), "input"),
         "fused Conditional Attention (rmn.fused)":

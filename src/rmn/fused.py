@@ -63,7 +63,7 @@ def fuse_for_inference(model: nn.Module, on: bool = True) -> nn.Module:
 def ops():
     """The compiled ops (built on first use, also in a process that unpickled a fused model), or RuntimeError in one
     line saying why they cannot be built here."""
-    ext = _built.get("ext") or load()
+    ext = load()  # cached after the first call
     if ext is None:
         raise RuntimeError(f"rmn's fused inference ops could not be built here ({build_error()}); "
                            "they need `pip install 'rmn[fused]'` (ninja) and a C++ compiler with Python's headers")
